@@ -1,0 +1,93 @@
+"""The typed schema of a normbench experiment.
+
+Hydra merges the YAML files under ``configs/`` into these dataclasses, so a mistyped key
+(``foo=1``) or a value of the wrong type (``lr=abc``) is an error instead of a silent string.
+Names (models, norms, datasets) are plain strings here and are checked by the registries that
+own them, whose errors list the valid choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [256, 128])  # widths of hidden Linear layers
+    channels: list[int] = field(default_factory=list)  # widths of Conv layers (CNNs)
+    activation: str = "relu"
+    norm_position: str = "before_activation"  # or "after_activation"
+    dropout: float = 0.0
+
+
+@dataclass
+class NormConfig:
+    name: str = "batch"
+    eps: float = 1e-5
+    momentum: float | None = 0.1  # None: cumulative moving average
+    affine: bool = True
+    track_running_stats: bool = True
+    num_groups: int = 2
+    freeze: bool = False  # batch-norm layers kept in eval mode with fixed parameters
+    # batch renormalization (Ioffe 2017): plain BN for warmup_steps, then rmax/dmax ramp up
+    rmax: float = 3.0
+    dmax: float = 5.0
+    warmup_steps: int = 500
+    rmax_ramp_steps: int = 3500
+    dmax_ramp_steps: int = 2000
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "toy"
+    root: str = "data"  # where torchvision datasets look for their files
+    download: bool = False
+    preprocess: str = "standardize"  # standardize | minmax | none
+    val_fraction: float = 0.1  # share of the training split held out for validation
+    limit: int | None = None  # keep at most this many training examples
+    image_size: int | None = None  # resize images to image_size x image_size
+    # toy data only
+    task: str = "classification"  # or "regression"
+    shape: list[int] = field(default_factory=lambda: [1, 16, 16])
+    num_classes: int = 10
+    train_size: int = 2000
+    test_size: int = 500
+    noise: float = 1.0
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    norm_weight_decay: bool = False  # apply weight decay to norm parameters too
+    scheduler: str | None = None  # "plateau": ReduceLROnPlateau on the validation loss
+    plateau_patience: int = 5
+    plateau_factor: float = 0.5
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr: float = 0.1
+    batch_size: int = 32
+    epochs: int = 5
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | mps
+    threads: int | None = None  # torch CPU threads; None leaves torch's default
+    results_dir: str = "results"
+    quiet: bool = False
+    diagnostics: bool = False
+    force: bool = False  # rerun even if complete results exist (used by sweeps)
+    divergence_factor: float = 1e3  # loss above this times the first epoch's loss: diverged
+
+
+def register_configs() -> None:
+    """Register the schema so ``configs/config.yaml`` can name it in its defaults list."""
+    ConfigStore.instance().store(name="normbench_schema", node=Config)
