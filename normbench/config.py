@@ -84,7 +84,7 @@ class Config:
     results_dir: str = "results"
     quiet: bool = False
     diagnostics: bool = False
-    force: bool = False  # rerun even if complete results exist (used by sweeps)
+    skip_done: bool = False  # skip when complete results exist (sweeps set it)
     divergence_factor: float = 1e3  # loss above this times the first epoch's loss: diverged
 
 

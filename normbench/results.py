@@ -60,7 +60,7 @@ METRIC_COLUMNS = [
 DONE_STATUSES = ("ok", "diverged")
 
 # Keys that say how or where to run, not what to run: they do not change a run's identity.
-_NON_IDENTITY_KEYS = {"results_dir", "quiet", "device", "threads", "diagnostics", "force"}
+_NON_IDENTITY_KEYS = {"results_dir", "quiet", "device", "threads", "diagnostics", "skip_done"}
 
 
 def normalize_value(value: Any) -> Any:
@@ -131,11 +131,21 @@ def atomic_write_csv(path: Path, rows: Iterable[Mapping[str, Any]], columns: lis
 def is_complete(run_path: Path) -> bool:
     """True when the run finished (status ok or diverged); failed or interrupted runs are not."""
     metrics = run_path / METRICS_FILE
-    if not metrics.is_file():
-        return False
+    return metrics.is_file() and read_status(metrics) in DONE_STATUSES
+
+
+def read_status(metrics: Path) -> str:
+    """The run's status from its metrics.csv (its last row); ``unreadable`` if there is none."""
     with metrics.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    return bool(rows) and rows[-1].get("status") in DONE_STATUSES
+    return (rows[-1].get("status") or "unreadable") if rows else "unreadable"
+
+
+def read_error(run_path: Path) -> str:
+    """A failed run's one-line error message."""
+    with (run_path / METRICS_FILE).open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return rows[-1].get("error", "") if rows else ""
 
 
 def clear_run(run_path: Path) -> None:

@@ -1,0 +1,149 @@
+"""Hydra behind the CLI: composing configs, launching runs, and turning errors into one line.
+
+``normbench run`` and ``normbench sweep`` call :func:`launch`, which runs the
+``hydra.main``-wrapped task with ``sys.argv`` rewritten, so every Hydra feature works
+(``--multirun``, sweep syntax, ``--cfg job``, ``--config-dir``, launcher plugins).
+Tests and sweep planning use :func:`compose_config`, the compose API on the same configs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from normbench.config import Config, register_configs
+from normbench.errors import ConfigError
+
+CONFIG_MODULE = "normbench.configs"
+GROUPS = ("model", "norm", "dataset", "optimizer")
+
+register_configs()
+
+
+@contextmanager
+def hydra_context(config_dir: str | None = None) -> Iterator[None]:
+    """Hydra's compose context on the packaged configs, or on ``config_dir``."""
+    from hydra import initialize_config_dir, initialize_config_module
+
+    init = (
+        initialize_config_dir(str(Path(config_dir).resolve()), version_base="1.3")
+        if config_dir
+        else initialize_config_module(CONFIG_MODULE, version_base="1.3")
+    )
+    with translate_errors(), init:
+        yield
+
+
+def compose_job(overrides: Sequence[str]) -> tuple[DictConfig, dict[str, str]]:
+    """The resolved config and its group choices; call inside :func:`hydra_context`."""
+    from hydra import compose
+
+    with translate_errors():
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    choices = {group: str(cfg.hydra.runtime.choices[group]) for group in GROUPS}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, choices
+
+
+def compose_config(
+    overrides: Sequence[str] = (), config_dir: str | None = None
+) -> tuple[DictConfig, dict[str, str]]:
+    """The resolved config for ``overrides`` and its group choices, via the compose API."""
+    with hydra_context(config_dir):
+        return compose_job(overrides)
+
+
+def launch(args: Sequence[str], multirun: bool = False) -> None:
+    """Run the Hydra app as if called as ``normbench [--multirun] ARGS``."""
+    argv = ["normbench", *(["--multirun"] if multirun else []), *args]
+    with _patched_argv(argv), translate_errors():
+        _hydra_main()
+
+
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    from normbench.experiment import run_experiment
+    from normbench.summary import print_run
+
+    hydra_cfg = HydraConfig.get()
+    choices = {group: str(hydra_cfg.runtime.choices[group]) for group in GROUPS}
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        from normbench.sweep import run_job
+
+        run_job(cfg, choices)
+    else:
+        print_run(run_experiment(cfg, choices))
+
+
+@contextmanager
+def translate_errors() -> Iterator[None]:
+    """Re-raise Hydra's and OmegaConf's errors about user input as one-line ConfigErrors."""
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us instead of Hydra's printer
+    try:
+        yield
+    except MissingConfigException as error:
+        raise ConfigError(_missing_config_message(error)) from None
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(_one_line(error)) from None
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+
+
+def _missing_config_message(error: MissingConfigException) -> str:
+    missing = error.missing_cfg_file or ""
+    if error.options and "/" in missing:
+        group, name = missing.rsplit("/", 1)
+        return f"unknown {group} {name!r}; choose from: {', '.join(error.options)}"
+    return _one_line(error)
+
+
+def _one_line(error: BaseException) -> str:
+    message = str(error).strip().splitlines()[0]
+    cause = error.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        key = getattr(cause, "full_key", None)
+        detail = str(cause).strip().splitlines()[0]
+        if "not in struct" in str(cause) or "Could not override" in message:
+            return _unknown_key_message(key or message.split("'")[1])
+        return f"{message}: {detail}"
+    return message
+
+
+def _unknown_key_message(key: str) -> str:
+    node: object = Config
+    *parents, _ = key.split(".")
+    for part in parents:
+        match = [f for f in fields(node) if f.name == part] if is_dataclass(node) else []
+        if not match:
+            break
+        node = match[0].default_factory()
+    valid = sorted(f.name for f in fields(node)) if is_dataclass(node) else []
+    prefix = ".".join(parents)
+    where = f"{prefix}." if prefix else ""
+    return f"unknown config key {key!r}; valid keys: {', '.join(where + v for v in valid)}"
+
+
+@contextmanager
+def _patched_argv(argv: list[str]) -> Iterator[None]:
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        sys.argv = saved

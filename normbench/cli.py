@@ -1,0 +1,143 @@
+"""The ``normbench`` command line: thin commands that forward to library functions.
+
+Importing this module must stay cheap (no torch, no Hydra): ``normbench --help`` is instant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+app = typer.Typer(
+    help="Compare normalization methods (batch, layer, instance, group, batch renorm, none) "
+    "on the documents' MLPs and CNNs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_HYDRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="Hydra overrides such as model=convnet norm=batch lr=0.1, and Hydra's own flags "
+        "(--cfg job, --config-dir DIR). See `normbench list` for the choices.",
+        show_default=False,
+    ),
+]
+T = TypeVar("T")
+
+
+def _guard(action: Callable[[], T]) -> T:
+    """Run ``action``; a user error becomes one line on stderr and exit code 2."""
+    from normbench.errors import ConfigError
+
+    try:
+        return action()
+    except ConfigError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command(context_settings=_HYDRA_ARGS)
+def run(overrides: Overrides = None) -> None:
+    """Run one experiment and write results_dir/<run_id>/metrics.csv.
+
+    Example: normbench run model=convnet norm=batch lr=0.1
+    """
+    from normbench.app import launch
+
+    try:
+        _guard(lambda: launch(overrides or []))
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except Exception as error:  # recorded as status "failed", traceback in error.txt
+        typer.echo(f"run failed: {type(error).__name__}: {error}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command(context_settings=_HYDRA_ARGS)
+def sweep(
+    overrides: Overrides = None,
+    jobs: Annotated[
+        int,
+        typer.Option("--jobs", "-j", min=1, help="Parallel processes (Hydra's joblib launcher)."),
+    ] = 1,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the number of jobs and the grid; run nothing.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rerun jobs that already have complete results.")
+    ] = False,
+) -> None:
+    """Run a grid of experiments: comma lists, range(), choice(), glob() over any key.
+
+    Example: normbench sweep norm=batch,layer,group,none lr=0.01,0.1,1.0 seed=0,1,2
+    Completed runs are skipped (--force reruns them); a failed job does not stop the others.
+    """
+    from normbench.sweep import run_sweep
+
+    failed = _guard(lambda: run_sweep(overrides or [], jobs=jobs, dry_run=dry_run, force=force))
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def report(
+    results: Annotated[
+        Path, typer.Option("--results", "-r", help="Results folder to read.")
+    ] = Path("results"),
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            help="Metric to compare (val_acc, val_loss, train_loss, ...); default "
+            "val_acc for classification, val_loss for regression."
+        ),
+    ] = None,
+    where: Annotated[
+        list[str] | None, typer.Option(help="Keep runs with KEY=VALUE (repeatable).")
+    ] = None,
+    by: Annotated[str, typer.Option(help="Column key of the main table.")] = "lr",
+    fmt: Annotated[
+        str, typer.Option("--format", help="table, csv, markdown, latex or json.")
+    ] = "table",
+    output: Annotated[Path | None, typer.Option(help="Write the tables to FILE.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write PNG figures to DIR.")] = None,
+    baseline: Annotated[
+        str | None, typer.Option(help="Norm for the paired comparison (default: none).")
+    ] = None,
+    diagnostics: Annotated[
+        bool, typer.Option("--diagnostics", help="Summarize diagnostics.csv files instead.")
+    ] = False,
+) -> None:
+    """Summarize results: norm x learning rate, best lr, stability, paired comparison."""
+    from normbench.report import report as make_report
+
+    _guard(
+        lambda: make_report(
+            results,
+            metric=metric,
+            where=where or [],
+            by=by,
+            fmt=fmt,
+            output=output,
+            plot_dir=plot,
+            baseline=baseline,
+            diagnostics=diagnostics,
+        )
+    )
+
+
+@app.command("list")
+def list_choices() -> None:
+    """List the models, norms, datasets, optimizers and named experiments."""
+    from normbench.catalog import print_catalog
+
+    print_catalog()
+
+
+def main() -> None:
+    """Entry point of ``python -m normbench``."""
+    app(prog_name="normbench")

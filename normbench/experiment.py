@@ -1,0 +1,219 @@
+"""One experiment end to end: validate, load data, build, train, write results.
+
+``run_experiment`` is what ``normbench run`` and every sweep job call, and what tests call.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from normbench import results
+from normbench.datasets import DataSplits, load_dataset
+from normbench.errors import ConfigError
+from normbench.models import build_model, init_paired
+from normbench.train import (
+    Timer,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    pick_device,
+    train_one_epoch,
+)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str  # ok | diverged | failed | skipped
+    path: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks the typed schema cannot express. Raises ConfigError."""
+    checks = [
+        (cfg.lr > 0, f"lr must be > 0; got {cfg.lr}"),
+        (cfg.batch_size >= 1, f"batch_size must be >= 1; got {cfg.batch_size}"),
+        (cfg.epochs >= 1, f"epochs must be >= 1; got {cfg.epochs}"),
+        (cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1; got {cfg.threads}"),
+        (cfg.divergence_factor > 1, "divergence_factor must be > 1"),
+        (cfg.norm.num_groups >= 1, f"norm.num_groups must be >= 1; got {cfg.norm.num_groups}"),
+        (cfg.optimizer.momentum >= 0, "optimizer.momentum must be >= 0"),
+        (cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def default_choices(cfg: DictConfig) -> dict[str, str]:
+    """Group choices when the caller has none from Hydra: the registry names."""
+    return {
+        "model": cfg.model.name,
+        "norm": cfg.norm.name,
+        "dataset": cfg.dataset.name,
+        "optimizer": cfg.optimizer.name,
+    }
+
+
+def run_experiment(
+    cfg: DictConfig, choices: Mapping[str, str] | None = None, console: Console | None = None
+) -> RunResult:
+    """Run one experiment and write ``results_dir/<run_id>/``.
+
+    Invalid input raises ConfigError before anything is written. A run whose loss becomes
+    non-finite or explodes stops with status ``diverged``. Any other exception is recorded as
+    status ``failed`` (traceback in ``error.txt``) and re-raised.
+    """
+    choices = dict(choices or default_choices(cfg))
+    validate(cfg)
+    run_id = results.run_id(cfg, choices)
+    run_path = Path(cfg.results_dir) / run_id
+    if cfg.skip_done and results.is_complete(run_path):
+        return RunResult(run_id, "skipped", run_path)
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(cfg.dataset, cfg.seed)
+    model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs)
+    init_paired(model, cfg.seed)
+    model.to(device)
+    n_train = len(data.train[0])
+    if cfg.batch_size > n_train:
+        raise ConfigError(f"batch_size {cfg.batch_size} exceeds the {n_train} training examples")
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr)
+    scheduler = make_scheduler(optimizer, cfg.optimizer)
+
+    keys = {
+        "run_id": run_id,
+        **choices,
+        "task": data.task,
+        "lr": results.normalize_value(float(cfg.lr)),
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+    }
+    flat = {k: v for k, v in results.flat_config(cfg).items() if k not in keys}
+    rows: list[dict[str, Any]] = []
+    try:
+        status = _train(cfg, model, data, optimizer, scheduler, device, keys, flat, rows, console)
+    except Exception as error:
+        record_failure(cfg, choices, error, traceback.format_exc(), rows)
+        raise
+    _write(run_path, cfg, rows, status)
+    return RunResult(run_id, status, run_path, rows)
+
+
+def record_failure(
+    cfg: DictConfig,
+    choices: Mapping[str, str],
+    error: BaseException,
+    trace: str,
+    rows: list[dict[str, Any]] | None = None,
+) -> None:
+    """Write a run's results with status ``failed``, its message, and its traceback."""
+    run_path = Path(cfg.results_dir) / results.run_id(cfg, choices)
+    if not rows:
+        keys = {"run_id": run_path.name, **choices, "lr": cfg.lr, "batch_size": cfg.batch_size}
+        rows = [{**keys, "seed": cfg.seed, "epoch": 0, **results.flat_config(cfg)}]
+    _write(run_path, cfg, rows, "failed", f"{type(error).__name__}: {error}")
+    results.atomic_write_text(run_path / results.ERROR_FILE, trace)
+
+
+def _train(cfg, model, data: DataSplits, optimizer, scheduler, device, keys, flat, rows, console):
+    loss_fn = nn.CrossEntropyLoss() if data.task == "classification" else nn.MSELoss()
+    train, val = _to(data.train, device), _to(data.val, device)
+    generator = torch.Generator().manual_seed(cfg.seed)  # data order: same seed, same order
+    steps_per_epoch = len(train[0]) // cfg.batch_size
+    step = 0
+    first_loss = None
+    with _progress(cfg, console) as progress:
+        task = progress.add_task(keys["run_id"], total=cfg.epochs * steps_per_epoch, info="")
+        for epoch in range(1, cfg.epochs + 1):
+            with Timer() as timer:
+                stats = train_one_epoch(
+                    model,
+                    optimizer,
+                    loss_fn,
+                    train,
+                    cfg.batch_size,
+                    generator,
+                    freeze_norms=cfg.norm.freeze,
+                    on_batch=lambda: progress.advance(task),
+                )
+                step += stats.steps
+                first_loss = first_loss if first_loss is not None else stats.loss
+                diverged = not math.isfinite(stats.loss) or (
+                    stats.loss > cfg.divergence_factor * max(first_loss, 1e-12)
+                )
+                val_loss, val_acc = (
+                    (math.nan, math.nan) if diverged else evaluate(model, loss_fn, val)
+                )
+            row = {
+                **keys,
+                "epoch": epoch,
+                "step": step,
+                "train_loss": stats.loss,
+                "train_acc": stats.acc,
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+                "grad_norm": stats.grad_norm,
+                "lr_now": optimizer.param_groups[0]["lr"],
+                "epoch_seconds": timer.seconds,
+                **flat,
+            }
+            rows.append(row)
+            if diverged:
+                return "diverged"
+            if scheduler is not None:
+                scheduler.step(val_loss)
+            progress.update(task, info=_progress_info(row))
+    if data.test is not None:
+        rows[-1]["test_loss"], rows[-1]["test_acc"] = evaluate(
+            model, loss_fn, _to(data.test, device)
+        )
+    return "ok"
+
+
+def _write(run_path: Path, cfg: DictConfig, rows: list[dict], status: str, error: str = "") -> None:
+    results.clear_run(run_path)
+    results.atomic_write_text(run_path / results.CONFIG_FILE, OmegaConf.to_yaml(cfg))
+    for row in rows:
+        row["status"] = status
+        row["error"] = error.splitlines()[0] if error else ""
+    columns = results.KEY_COLUMNS + results.METRIC_COLUMNS
+    results.atomic_write_csv(run_path / results.METRICS_FILE, rows, columns)
+
+
+def _to(tensors, device):
+    return tuple(t.to(device) for t in tensors)
+
+
+def _progress_info(row: Mapping[str, Any]) -> str:
+    acc = row["val_acc"]
+    metric = f"val_acc {acc:.3f}" if math.isfinite(acc) else f"val_loss {row['val_loss']:.4f}"
+    return f"epoch {row['epoch']}  train_loss {row['train_loss']:.4f}  {metric}"
+
+
+def _progress(cfg: DictConfig, console: Console | None) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True),
+        disable=cfg.quiet,
+    )

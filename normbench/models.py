@@ -1,0 +1,232 @@
+"""The documents' models, built with pluggable normalization.
+
+Every model is a stack of hidden :class:`Block` s (layer -> norm -> activation, optional
+max-pool) followed by a linear ``head``. Models receive norm factories that take the channel
+count only (torchvision's ``norm_layer`` convention), never a norm's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from normbench import norms
+from normbench.errors import ConfigError, choices_error
+
+NormLayer = Callable[[int], nn.Module] | None
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+}
+_NORM_POSITIONS = ("before_activation", "after_activation")
+
+
+class Block(nn.Module):
+    """``layer -> norm -> act`` (or ``layer -> act -> norm``), then pooling and dropout.
+
+    ``norm`` is ``nn.Identity`` when there is no normalization, so diagnostics can hook every
+    block the same way: the input of ``norm`` is the layer's output, the input of ``act`` the
+    pre-activation.
+    """
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        norm: nn.Module | None,
+        activation: str,
+        norm_position: str = "before_activation",
+        pool: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.norm = norm if norm is not None else nn.Identity()
+        self.act = _ACTIVATIONS[activation]()
+        self.norm_first = norm_position == "before_activation"
+        self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer(x)
+        x = self.act(self.norm(x)) if self.norm_first else self.norm(self.act(x))
+        return self.dropout(self.pool(x))
+
+
+class Net(nn.Module):
+    """Hidden blocks, an optional flatten between the conv and the dense blocks, and a head."""
+
+    def __init__(self, conv: Sequence[Block], dense: Sequence[Block], head: nn.Linear) -> None:
+        super().__init__()
+        self.num_conv = len(conv)
+        self.blocks = nn.ModuleList([*conv, *dense])
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for index, block in enumerate(self.blocks):
+            if index == self.num_conv:
+                x = x.flatten(1)
+            x = block(x)
+        return self.head(x.flatten(1))
+
+
+def _dense_blocks(
+    in_features: int, widths: Sequence[int], norm_layer: NormLayer, bias: bool, **block_kw
+) -> tuple[list[Block], int]:
+    blocks = []
+    for width in widths:
+        norm = norm_layer(width) if norm_layer else None
+        blocks.append(
+            Block(nn.Linear(in_features, width, bias=bias or norm is None), norm, **block_kw)
+        )
+        in_features = width
+    return blocks, in_features
+
+
+def mlp(
+    input_shape: Sequence[int],
+    num_outputs: int,
+    hidden: Sequence[int],
+    norm_layer: NormLayer,
+    bias: bool = True,
+    **block_kw,
+) -> Net:
+    """Document 002's MLP (784-256-128-10 on MNIST), a norm after every hidden Linear."""
+    blocks, width = _dense_blocks(_prod(input_shape), hidden, norm_layer, bias, **block_kw)
+    return Net([], blocks, nn.Linear(width, num_outputs))
+
+
+def _cnn(kernel: int, padding: int, normalize_first: bool) -> Callable[..., Net]:
+    def build(
+        input_shape: Sequence[int],
+        num_outputs: int,
+        channels: Sequence[int],
+        hidden: Sequence[int],
+        norm_layer: NormLayer,
+        dense_norm_layer: NormLayer,
+        bias: bool = True,
+        **block_kw,
+    ) -> Net:
+        in_channels, height, width = _image_shape(input_shape)
+        conv = []
+        for index, out_channels in enumerate(channels):
+            use_norm = norm_layer is not None and (normalize_first or index > 0)
+            norm = norm_layer(out_channels) if use_norm else None
+            layer = nn.Conv2d(
+                in_channels, out_channels, kernel, padding=padding, bias=bias or norm is None
+            )
+            conv.append(Block(layer, norm, pool=True, **block_kw))
+            in_channels = out_channels
+            height, width = (
+                (height + 2 * padding - kernel + 1) // 2,
+                (width + 2 * padding - kernel + 1) // 2,
+            )
+            if min(height, width) < 1:
+                raise ConfigError(
+                    f"images of {input_shape[1]}x{input_shape[2]} are too small for "
+                    f"{len(channels)} {kernel}x{kernel} convs with 2x2 pooling; "
+                    "set dataset.image_size=16 or more"
+                )
+        dense, features = _dense_blocks(
+            in_channels * height * width, hidden, dense_norm_layer, bias, **block_kw
+        )
+        return Net(conv, dense, nn.Linear(features, num_outputs))
+
+    return build
+
+
+# Document 001's MNIST CNN: 5x5 convs, 2x2 max-pooling, dense layers. As in the document the
+# first conv is not normalized; every later conv and every hidden dense layer is.
+lenet = _cnn(kernel=5, padding=0, normalize_first=False)
+# Document 004's CIFAR CNN: 3x3 convs with padding 1, each normalized, 2x2 max-pooling, one fc.
+convnet = _cnn(kernel=3, padding=1, normalize_first=True)
+
+_MODELS: dict[str, Callable[..., Net]] = {"mlp": mlp, "lenet": lenet, "convnet": convnet}
+_MODEL_DESCRIPTIONS = {
+    "mlp": "document 002's MLP; hidden widths from model.hidden (doc 000: hidden=[5])",
+    "lenet": "document 001's MNIST CNN: conv 5x5 (10, 20) + pool, dense 50",
+    "convnet": "document 004's CIFAR CNN: conv 3x3 (16, 32) + norm + pool, fc",
+}
+
+
+def model_names() -> list[str]:
+    return list(_MODELS)
+
+
+def describe_models() -> dict[str, str]:
+    return dict(_MODEL_DESCRIPTIONS)
+
+
+def build_model(model_cfg, norm_cfg, input_shape: Sequence[int], num_outputs: int) -> Net:
+    """Build ``model_cfg.name`` with the norm of ``norm_cfg`` for the dataset's shapes."""
+    if model_cfg.name not in _MODELS:
+        raise choices_error("model", model_cfg.name, model_names())
+    if model_cfg.activation not in _ACTIVATIONS:
+        raise choices_error("model.activation", model_cfg.activation, list(_ACTIVATIONS))
+    if model_cfg.norm_position not in _NORM_POSITIONS:
+        raise choices_error("model.norm_position", model_cfg.norm_position, _NORM_POSITIONS)
+    if not 0 <= model_cfg.dropout < 1:
+        raise ConfigError(f"model.dropout must be in [0, 1); got {model_cfg.dropout}")
+    if any(w < 1 for w in [*model_cfg.hidden, *model_cfg.channels]):
+        raise ConfigError("model.hidden and model.channels must be positive widths")
+    kwargs = dict(
+        activation=model_cfg.activation,
+        norm_position=model_cfg.norm_position,
+        dropout=model_cfg.dropout,
+        # A bias followed by a norm that subtracts the per-channel mean is redundant.
+        bias=not (
+            norms.norm_removes_bias(norm_cfg.name)
+            and model_cfg.norm_position == "before_activation"
+        ),
+    )
+    if model_cfg.name == "mlp":
+        norm_layer = norms.get_norm_layer(norm_cfg, spatial=False)
+        return mlp(input_shape, num_outputs, model_cfg.hidden, norm_layer, **kwargs)
+    # Norms that only make sense on feature maps (instance) leave the dense layers of a CNN
+    # unnormalized rather than computing something meaningless on features.
+    dense_norm = (
+        None
+        if norms.norm_is_spatial_only(norm_cfg.name)
+        else norms.get_norm_layer(norm_cfg, spatial=False)
+    )
+    return _MODELS[model_cfg.name](
+        input_shape,
+        num_outputs,
+        model_cfg.channels,
+        model_cfg.hidden,
+        norms.get_norm_layer(norm_cfg, spatial=True),
+        dense_norm,
+        **kwargs,
+    )
+
+
+def init_paired(model: nn.Module, seed: int) -> None:
+    """Initialize each weight layer from its own seed derived from ``seed`` and its position.
+
+    The same seed then gives the same weights wherever shapes agree, across norms too (a
+    dropped bias or a norm's parameters do not shift the random stream of later layers).
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    for index, layer in enumerate(layers):
+        torch.manual_seed(seed * 1009 + index)
+        layer.reset_parameters()
+
+
+def _image_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise ConfigError(
+            "CNNs need images (C, H, W) but the dataset gives feature vectors of shape "
+            f"{list(input_shape)}; use model=mlp, or dataset.shape=[C,H,W] for toy data"
+        )
+    return tuple(input_shape)
+
+
+def _prod(shape: Sequence[int]) -> int:
+    out = 1
+    for size in shape:
+        out *= size
+    return out

@@ -1,0 +1,167 @@
+"""The training loop: flat ``train_one_epoch`` / ``evaluate`` over tensors held on the device.
+
+In-memory datasets are batched by indexing a permutation, not collated sample by sample
+through a DataLoader; ``bench/bench_train_loop.py`` measures the difference.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from normbench import norms
+from normbench.errors import choices_error
+
+Tensors = tuple[torch.Tensor, torch.Tensor]
+StepHook = Callable[[nn.Module, int], None]
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    acc: float  # nan for regression
+    grad_norm: float  # mean global gradient norm over the epoch's steps
+    steps: int
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise choices_error("device", name, ["auto", "cpu", "cuda", "mps"])
+    return torch.device(name)
+
+
+def make_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
+    """SGD or Adam; norm parameters get no weight decay unless ``cfg.norm_weight_decay``."""
+    if cfg.weight_decay and not cfg.norm_weight_decay:
+        skip = norms.norm_parameters(model)
+        decay = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
+        no_decay = [p for p in model.parameters() if p.requires_grad and id(p) in skip]
+        params = [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+    else:
+        params = [
+            {
+                "params": [p for p in model.parameters() if p.requires_grad],
+                "weight_decay": cfg.weight_decay,
+            }
+        ]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise choices_error("optimizer", cfg.name, ["sgd", "adam"])
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg):
+    """ReduceLROnPlateau on the validation loss (document 004), or None."""
+    if cfg.scheduler is None:
+        return None
+    if cfg.scheduler != "plateau":
+        raise choices_error("optimizer.scheduler", cfg.scheduler, ["plateau", "null"])
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, "min", patience=cfg.plateau_patience, factor=cfg.plateau_factor
+    )
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+    """Index batches over ``n`` examples, shuffled when a generator is given.
+
+    Training drops the last incomplete batch: batch statistics over a handful of leftover
+    examples (or one, which BatchNorm rejects) would not be the batch size under study.
+    """
+    if generator is None:
+        order = torch.arange(n)
+        yield from order.split(batch_size)
+        return
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n - batch_size + 1, batch_size):
+        yield order[start : start + batch_size]
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    data: Tensors,
+    batch_size: int,
+    generator: torch.Generator,
+    freeze_norms: bool = False,
+    on_step: StepHook | None = None,
+    on_batch: Callable[[], None] | None = None,
+) -> EpochStats:
+    """One pass over ``data``; sums stay on the device so there is no sync per step."""
+    model.train()
+    if freeze_norms:
+        norms.freeze_batch_norms(model)
+    x, y = data
+    classify = y.dtype == torch.int64
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.int64)
+    grad_sum = torch.zeros((), device=x.device)
+    steps = seen = 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    for index in batches(len(x), batch_size, generator):
+        index = index.to(x.device)
+        xb, yb = x[index], y[index]
+        optimizer.zero_grad(set_to_none=True)
+        out = model(xb)
+        loss = loss_fn(out, yb)
+        loss.backward()
+        grad_sum += nn.utils.clip_grad_norm_(params, math.inf)  # the norm, nothing clipped
+        optimizer.step()
+        steps += 1
+        seen += len(index)
+        loss_sum += loss.detach() * len(index)
+        if classify:
+            correct += (out.detach().argmax(1) == yb).sum()
+        if on_step is not None:
+            on_step(model, steps)
+        if on_batch is not None:
+            on_batch()
+    return EpochStats(
+        loss=(loss_sum / max(seen, 1)).item(),
+        acc=correct.item() / max(seen, 1) if classify else math.nan,
+        grad_norm=(grad_sum / max(steps, 1)).item(),
+        steps=steps,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loss_fn: nn.Module, data: Tensors, batch_size: int = 1024
+) -> tuple[float, float]:
+    """Mean loss and accuracy (nan for regression) in eval mode."""
+    model.eval()
+    x, y = data
+    classify = y.dtype == torch.int64
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.int64)
+    for index in batches(len(x), batch_size, None):
+        index = index.to(x.device)
+        out = model(x[index])
+        loss_sum += loss_fn(out, y[index]) * len(index)
+        if classify:
+            correct += (out.argmax(1) == y[index]).sum()
+    loss = (loss_sum / len(x)).item()
+    return loss, correct.item() / len(x) if classify else math.nan
+
+
+class Timer:
+    """Wall time of a block, for ``epoch_seconds``."""
+
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start
