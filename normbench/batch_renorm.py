@@ -79,6 +79,11 @@ class BatchRenorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         channels_last = x.movedim(1, -1)  # statistics per channel over every other dimension
         if self.training:
+            if x.numel() // self.num_features < 2:
+                raise ValueError(
+                    "Expected more than 1 value per channel when training, "
+                    f"got input size {x.shape}"
+                )
             x_hat = self._renormalize(channels_last)
         else:
             x_hat = (channels_last - self.running_mean) / self.running_std
@@ -87,8 +92,6 @@ class BatchRenorm(nn.Module):
         return x_hat.movedim(-1, 1)
 
     def _renormalize(self, x: Tensor) -> Tensor:
-        if x.numel() // self.num_features < 2:
-            raise ValueError(f"Expected more than 1 value per channel when training, got {x.shape}")
         dims = tuple(range(x.dim() - 1))
         mean = x.mean(dims)
         std = torch.sqrt(x.var(dims, unbiased=False) + self.eps)
