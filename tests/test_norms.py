@@ -1,0 +1,319 @@
+"""Every norm against its formula written out here, plus PyTorch's batch-norm semantics."""
+
+from importlib.resources import files
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from torch.autograd import gradcheck
+
+from normbench import norms
+from normbench.config import NormConfig
+from normbench.errors import ConfigError
+from normbench.reference_batchnorm import BatchNormFunction
+
+C = 6
+SHAPES = {False: (8, C), True: (4, C, 3, 3)}  # (N, C) features, (N, C, H, W) maps
+BATCH_LIKE = ["batch", "batch_renorm", "reference_batch"]
+NORM_CONFIGS = files("normbench.configs") / "norm"
+f64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+
+
+def norm_cfg(name: str, **overrides):
+    """configs/norm/<name>.yaml on the typed schema, as Hydra composes it."""
+    yaml = OmegaConf.load(NORM_CONFIGS / f"{name}.yaml")
+    return OmegaConf.merge(OmegaConf.structured(NormConfig), yaml, overrides)
+
+
+def build(name: str, spatial: bool, **overrides) -> nn.Module:
+    module = norms.get_norm_layer(norm_cfg(name, **overrides), spatial)(C).double()
+    with torch.no_grad():  # gamma != 1 and beta != 0, so both show up in the gradients
+        for param in module.parameters():
+            param.uniform_(0.5, 1.5)
+    return module
+
+
+def randn(*shape: int) -> torch.Tensor:
+    return (2 * torch.randn(*shape, dtype=f64) + 1).requires_grad_()
+
+
+def per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+def reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def affine(y: torch.Tensor, m: nn.Module) -> torch.Tensor:
+    return y if m.weight is None else y * per_channel(m.weight, y) + per_channel(m.bias, y)
+
+
+def batch_formula(x, m):
+    """Ioffe & Szegedy: batch statistics (biased variance) in training, running ones at eval."""
+    if m.training or m.running_mean is None:
+        mean, var = x.mean(reduce_dims(x)), x.var(reduce_dims(x), unbiased=False)
+    else:
+        mean, var = m.running_mean, m.running_var
+    return affine((x - per_channel(mean, x)) / per_channel(var + m.eps, x).sqrt(), m)
+
+
+def renorm_formula(x, m):
+    """Plain BN in training while warming up; (x - mu) / sigma with the moving ones at eval."""
+    if m.training:
+        return batch_formula(x, m)
+    return affine((x - per_channel(m.running_mean, x)) / per_channel(m.running_std, x), m)
+
+
+def group_formula(x, m, groups):
+    """Per sample over groups of channels (and H, W), then a per-channel affine."""
+    g = x.reshape(len(x), groups, -1)
+    y = (g - g.mean(-1, keepdim=True)) / (g.var(-1, unbiased=False, keepdim=True) + m.eps).sqrt()
+    return affine(y.reshape(x.shape), m)
+
+
+FORMULAS = {
+    "batch": batch_formula,
+    "reference_batch": batch_formula,
+    "batch_renorm": renorm_formula,
+    "layer": lambda x, m: group_formula(x, m, 1),
+    "instance": lambda x, m: group_formula(x, m, x.shape[1]),
+    "group": lambda x, m: group_formula(x, m, m.num_groups),
+}
+CASES = [(n, s) for n in FORMULAS for s in (False, True) if s or not norms.norm_is_spatial_only(n)]
+
+
+def assert_same_forward_and_backward(y, expected, inputs):
+    torch.testing.assert_close(y, expected)
+    g = torch.randn_like(y)
+    ours = torch.autograd.grad((y * g).sum(), inputs)
+    reference = torch.autograd.grad((expected * g).sum(), inputs)
+    torch.testing.assert_close(ours, reference)
+
+
+def test_every_norm_has_a_formula_and_a_config_file():
+    assert set(norms.norm_names()) == {"none", *FORMULAS}
+    assert set(norms.norm_names()) <= {p.name.removesuffix(".yaml") for p in NORM_CONFIGS.iterdir()}
+    assert norms.get_norm_layer(norm_cfg("none"), spatial=True) is None
+    assert list(norms.describe_norms()) == norms.norm_names()
+    assert "slower" in norms.describe_norms()["reference_batch"]
+
+
+@pytest.mark.parametrize("name, spatial", CASES)
+def test_norm_matches_its_formula_in_train_then_eval(name, spatial):
+    module = build(name, spatial)
+    for training in (True, False):  # eval after a training step: running stats are not (0, 1)
+        module.train(training)
+        x = randn(*SHAPES[spatial])
+        expected = FORMULAS[name](x, module)  # before the forward pass updates running stats
+        assert_same_forward_and_backward(module(x), expected, [x, *module.parameters()])
+
+
+def test_layer_norm_on_maps_is_group_norm_1_with_per_channel_affine():
+    module = build("layer", spatial=True)
+    assert isinstance(module, nn.GroupNorm) and module.num_groups == 1
+    assert module.weight.shape == (C,)
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("name", ["batch", "reference_batch"])
+def test_running_stats_store_the_unbiased_variance(name, momentum, spatial):
+    module = build(name, spatial, momentum=momentum)
+    mean, var = torch.zeros(C, dtype=f64), torch.ones(C, dtype=f64)
+    for step in range(1, 4):
+        x = randn(*SHAPES[spatial])
+        module(x)
+        rate = 1 / step if momentum is None else momentum  # None: cumulative average
+        mean = (1 - rate) * mean + rate * x.mean(reduce_dims(x))
+        var = (1 - rate) * var + rate * x.var(reduce_dims(x), unbiased=True)
+    torch.testing.assert_close(module.running_mean, mean.detach())
+    torch.testing.assert_close(module.running_var, var.detach())
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+@pytest.mark.parametrize("name", ["batch", "reference_batch"])
+def test_without_running_stats_eval_uses_the_batch_statistics(name, spatial):
+    module = build(name, spatial, track_running_stats=False).eval()
+    assert module.running_mean is None
+    x = randn(*SHAPES[spatial])
+    expected = (x - x.mean(reduce_dims(x), keepdim=True)) / (
+        x.var(reduce_dims(x), unbiased=False, keepdim=True) + module.eps
+    ).sqrt()
+    torch.testing.assert_close(module(x), affine(expected, module))
+
+
+def outputs_and_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> list:
+    y = module(x)
+    return [y, *torch.autograd.grad((y * g).sum(), [x, module.weight, module.bias])]
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+@pytest.mark.parametrize("name", ["reference_batch", "batch_renorm"])
+def test_matches_torch_batch_norm_in_float64(name, spatial):
+    # rmax=1, dmax=0 past the warm-up: batch renorm must be plain batch norm.
+    ours = build(name, spatial, momentum=0.1, rmax=1.0, dmax=0.0, warmup_steps=0)
+    theirs = build("batch", spatial)
+    theirs.load_state_dict(ours.state_dict(), strict=False)  # the same gamma and beta
+    modes = [True, True, True] + ([False] if name == "reference_batch" else [])
+    for training in modes:
+        ours.train(training), theirs.train(training)
+        x = randn(*SHAPES[spatial])
+        g = torch.randn(SHAPES[spatial], dtype=f64)
+        # assert_close's float64 tolerance (1e-7) is tighter than the 1e-5 asked for.
+        torch.testing.assert_close(outputs_and_grads(ours, x, g), outputs_and_grads(theirs, x, g))
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    if name == "reference_batch":
+        torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+def test_gradcheck_of_the_hand_written_backward():
+    x, gamma, beta = randn(6, 3), randn(3), randn(3)
+    assert gradcheck(lambda *t: BatchNormFunction.apply(*t, 1e-5)[0], (x, gamma, beta))
+
+
+@pytest.mark.parametrize("momentum", [0.01, None])
+def test_batch_renorm_tracks_mean_and_std_and_infers_with_them(momentum):
+    module = build("batch_renorm", spatial=True, momentum=momentum)
+    mean, std = torch.zeros(C, dtype=f64), torch.ones(C, dtype=f64)
+    for step in range(1, 4):
+        x = randn(*SHAPES[True])
+        module(x)
+        rate = 1 / step if momentum is None else momentum
+        mean = (1 - rate) * mean + rate * x.mean(reduce_dims(x))
+        batch_std = (x.var(reduce_dims(x), unbiased=False) + module.eps).sqrt()
+        std = (1 - rate) * std + rate * batch_std  # the standard deviation, not the variance
+    torch.testing.assert_close([module.running_mean, module.running_std], [mean, std])
+    x = randn(*SHAPES[True])
+    y = module.eval()(x)
+    torch.testing.assert_close(y, affine((x - per_channel(mean, x)) / per_channel(std, x), module))
+    assert not torch.allclose(y, batch_formula(x, module.train()))
+
+
+def test_batch_renorm_gradient_treats_r_and_d_as_constants():
+    schedule = dict(warmup_steps=0, rmax_ramp_steps=1, dmax_ramp_steps=1)
+    module = build("batch_renorm", True, rmax=1.5, dmax=0.5, **schedule)
+    with torch.no_grad():  # past the schedule, moving stats that clip some channels only
+        module.num_batches_tracked.fill_(10)
+        module.running_mean.copy_(torch.linspace(-1, 3, C))
+        module.running_std.copy_(torch.linspace(0.5, 4, C))
+    mu, sigma = module.running_mean.clone(), module.running_std.clone()
+
+    def formula(x, stop_grad=True):
+        mean = x.mean(reduce_dims(x))
+        std = (x.var(reduce_dims(x), unbiased=False) + module.eps).sqrt()
+        r = (std / sigma).clamp(1 / 1.5, 1.5)
+        d = ((mean - mu) / sigma).clamp(-0.5, 0.5)
+        clipped_r, clipped_d = (r == 1.5) | (r == 1 / 1.5), d.abs() == 0.5
+        assert 0 < clipped_r.sum() < C and 0 < clipped_d.sum() < C  # some channels clip
+        if stop_grad:
+            r, d = r.detach(), d.detach()
+        x_hat = (x - per_channel(mean, x)) / per_channel(std, x) * per_channel(r, x)
+        return affine(x_hat + per_channel(d, x), module)
+
+    x = randn(*SHAPES[True])
+    assert_same_forward_and_backward(module(x), formula(x), [x, *module.parameters()])
+    # The test can tell: letting gradients flow through r and d changes dL/dx.
+    g = torch.randn_like(x)
+    through_rd = torch.autograd.grad((formula(x, stop_grad=False) * g).sum(), x)[0]
+    assert not torch.allclose(through_rd, torch.autograd.grad((formula(x) * g).sum(), x)[0])
+
+
+@pytest.mark.parametrize(
+    "step, rmax, dmax",
+    [(0, 1, 0), (10, 1, 0), (15, 1.5, 2.5), (20, 2, 5), (30, 3, 5), (99, 3, 5)],
+)
+def test_batch_renorm_schedule(step, rmax, dmax):
+    module = build("batch_renorm", False, warmup_steps=10, rmax_ramp_steps=20, dmax_ramp_steps=10)
+    module.num_batches_tracked.fill_(step)
+    assert [float(v) for v in module.limits()] == [rmax, dmax]
+
+
+def test_only_training_forward_passes_count_as_steps():
+    module = build("batch_renorm", False)
+    module(randn(*SHAPES[False])), module(randn(*SHAPES[False]))
+    module.eval()(randn(*SHAPES[False]))
+    assert int(module.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("name", list(FORMULAS))
+def test_removes_bias_means_a_per_channel_shift_cancels(name):
+    module = build(name, spatial=True)
+    x = randn(*SHAPES[True])
+    shifted = x + per_channel(torch.linspace(-2, 2, C, dtype=f64), x)
+    cancels = torch.allclose(module(x), module(shifted))
+    assert cancels == norms.norm_removes_bias(name)
+
+
+@pytest.mark.parametrize(
+    "name, spatial, overrides, message",
+    [
+        ("batchh", True, {}, "choose from: " + ", ".join(norms.norm_names())),
+        ("instance", False, {}, "an MLP has none"),
+        ("instance", True, {"momentum": None}, "norm.momentum"),
+        ("layer", True, {"freeze": True}, "norm.freeze"),
+        ("batch_renorm", True, {"track_running_stats": False}, "track_running_stats"),
+        ("batch", True, {"momentum": 2.0}, "norm.momentum"),
+        ("batch", True, {"eps": 0.0}, "norm.eps"),
+    ],
+)
+def test_bad_settings_are_config_errors(name, spatial, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        norms.get_norm_layer(NormConfig(name=name, **overrides), spatial)
+
+
+def test_group_norm_names_channels_and_divisors():
+    factory = norms.get_norm_layer(NormConfig(name="group", num_groups=7), spatial=True)
+    with pytest.raises(ConfigError, match=r"num_groups=7 .* 20 channels.*1, 2, 4, 5, 10, 20$"):
+        factory(20)
+
+
+def test_norm_flags():
+    assert [n for n in norms.norm_names() if norms.norm_is_spatial_only(n)] == ["instance"]
+    with pytest.raises(ConfigError, match="unknown norm"):
+        norms.norm_removes_bias("batchh")
+
+
+@pytest.mark.parametrize("name", BATCH_LIKE)
+def test_freeze_batch_norms_keeps_running_stats_and_parameters(name):
+    model = nn.Sequential(nn.Linear(4, C), build(name, False), nn.LayerNorm(C)).double().train()
+    norms.freeze_batch_norms(model)
+    frozen = model[1]
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    model(randn(8, 4)).sum().backward()
+    torch.testing.assert_close(frozen.state_dict(), before)
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    assert model[2].training and model[2].weight.grad is not None  # other norms untouched
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+@pytest.mark.parametrize("name", BATCH_LIKE)
+def test_eval_accepts_a_batch_of_one(name, spatial):
+    module = build(name, spatial)
+    module(randn(*SHAPES[spatial]))
+    one = randn(1, *SHAPES[spatial][1:])
+    assert torch.isfinite(module.eval()(one)).all()
+    if not spatial:  # as nn.BatchNorm1d: training statistics of one value are meaningless
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            module.train()(one)
+
+
+def test_norm_parameters_are_the_norm_layers_parameters():
+    layers = [norms.get_norm_layer(norm_cfg(n), True)(C) for n in FORMULAS]
+    model = nn.Sequential(nn.Conv2d(C, C, 1), *layers)
+    expected = {id(p) for layer in layers for p in layer.parameters()}
+    assert norms.norm_parameters(model) == expected and len(expected) == 2 * len(layers)
+
+
+@pytest.mark.parametrize("path", sorted(NORM_CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_norm_config_files_compose_and_build(path):
+    assert path.read_text().startswith("# ")
+    cfg = OmegaConf.merge(OmegaConf.structured(NormConfig), OmegaConf.load(path))
+    factory = norms.get_norm_layer(cfg, spatial=True)
+    assert factory is None if cfg.name == "none" else isinstance(factory(C), nn.Module)
