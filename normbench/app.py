@@ -68,8 +68,15 @@ def compose_config(
 def launch(args: Sequence[str], multirun: bool = False) -> None:
     """Run the Hydra app as if called as ``normbench [--multirun] ARGS``."""
     argv = ["normbench", *(["--multirun"] if multirun else []), *args]
+    _task_errors.clear()
     with _patched_argv(argv), translate_errors():
         _hydra_main()
+    if _task_errors:
+        raise _task_errors.pop()
+
+
+# A single run's exception, carried past Hydra (which would print its own banner) to launch().
+_task_errors: list[Exception] = []
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
@@ -84,7 +91,10 @@ def _hydra_main(cfg: DictConfig) -> None:
 
         run_job(cfg, choices)
     else:
-        print_run(run_experiment(cfg, choices))
+        try:
+            print_run(run_experiment(cfg, choices))
+        except Exception as error:
+            _task_errors.append(error)
 
 
 @contextmanager

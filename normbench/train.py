@@ -56,9 +56,9 @@ def make_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
             }
         ]
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, foreach=True)
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, foreach=True)
     raise choices_error("optimizer", cfg.name, ["sgd", "adam"])
 
 
@@ -117,7 +117,7 @@ def train_one_epoch(
         out = model(xb)
         loss = loss_fn(out, yb)
         loss.backward()
-        grad_sum += nn.utils.clip_grad_norm_(params, math.inf)  # the norm, nothing clipped
+        grad_sum += nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         optimizer.step()
         steps += 1
         seen += len(index)
