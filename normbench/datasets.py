@@ -1,0 +1,307 @@
+"""Datasets as in-memory CPU tensors: train, validation and (where the dataset has one) test.
+
+Every loader returns the dataset's own splits; ``load_dataset`` then does the same for all of
+them: keep at most ``limit`` training examples, hold out ``val_fraction`` of them for
+validation (both by a permutation seeded from the run's seed), scale uint8 pixels to [0, 1],
+resize images to ``image_size`` and preprocess the inputs with statistics of the training
+split only (document 003), reused for validation and test.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from normbench.errors import ConfigError, choices_error
+
+Split = tuple[Tensor, Tensor]
+
+TASKS = ("classification", "regression")
+
+_DIGITS_TEST_FRACTION = 0.2
+_DIGITS_SPLIT_SEED = 0  # the test split is the same for every run seed, so scores compare
+_TEACHER_WIDTH = 32  # hidden units of the toy regression's random teacher network
+
+# What torchvision raises for missing files, failed downloads and corrupt or truncated files
+# (its idx reader validates the format with asserts; CIFAR batches are pickles).
+_READ_ERRORS = (
+    RuntimeError,
+    OSError,
+    EOFError,
+    pickle.UnpicklingError,
+    ValueError,
+    TypeError,
+    KeyError,
+    AssertionError,
+)
+
+
+@dataclass
+class DataSplits:
+    """Inputs are float32; targets are int64 class indices or float32 of shape (N, 1)."""
+
+    train: Split
+    val: Split
+    test: Split | None
+    input_shape: tuple[int, ...]  # (C, H, W) for images, (F,) for feature vectors
+    num_outputs: int  # classes, or 1 for regression
+    task: str  # "classification" | "regression"
+
+
+@dataclass
+class _Source:
+    """A dataset's own splits as a loader returns them (uint8 images are scaled later)."""
+
+    train: Split
+    test: Split | None
+    num_outputs: int
+    task: str = "classification"
+
+
+def _load_toy(cfg: Any, seed: int) -> _Source:
+    shape = tuple(cfg.shape)
+    if len(shape) not in (1, 3) or min(shape) < 1:
+        raise ConfigError(
+            f"dataset.shape must be [features] or [channels, height, width] of positive sizes, "
+            f"got {list(shape)}"
+        )
+    if cfg.task not in TASKS:
+        raise choices_error("dataset.task", cfg.task, TASKS)
+    if cfg.num_classes < 2:
+        raise ConfigError(f"dataset.num_classes must be at least 2, got {cfg.num_classes}")
+    if cfg.train_size < 2 or cfg.test_size < 0:
+        raise ConfigError(
+            f"dataset.train_size must be at least 2 and dataset.test_size at least 0, "
+            f"got {cfg.train_size} and {cfg.test_size}"
+        )
+    if cfg.noise < 0:
+        raise ConfigError(f"dataset.noise must be at least 0, got {cfg.noise}")
+    g = torch.Generator().manual_seed(seed)
+    n = cfg.train_size + cfg.test_size
+    if cfg.task == "classification":
+        x, y = _class_prototypes(shape, cfg.num_classes, n, cfg.noise, g)
+        num_outputs = cfg.num_classes
+    else:
+        x, y = _random_teacher(shape, n, cfg.noise, g)
+        num_outputs = 1
+    train = (x[: cfg.train_size], y[: cfg.train_size])
+    test = (x[cfg.train_size :], y[cfg.train_size :]) if cfg.test_size else None
+    return _Source(train, test, num_outputs, cfg.task)
+
+
+def _class_prototypes(
+    shape: tuple[int, ...], num_classes: int, n: int, noise: float, g: torch.Generator
+) -> Split:
+    """One fixed random prototype per class plus Gaussian noise of std ``noise``."""
+    # Prototypes of norm about 3 put class means ~4 noise stds apart in any dimension: at
+    # noise=1 an MLP gets well above chance within an epoch and levels off near 80%.
+    prototypes = torch.randn(num_classes, *shape, generator=g) * (3 / math.sqrt(math.prod(shape)))
+    y = torch.randint(num_classes, (n,), generator=g)
+    x = prototypes[y] + noise * torch.randn(n, *shape, generator=g)
+    return x, y
+
+
+def _random_teacher(shape: tuple[int, ...], n: int, noise: float, g: torch.Generator) -> Split:
+    """Targets from a fixed random tanh network (std ~0.6) plus Gaussian noise of 0.1 * noise."""
+    dim = math.prod(shape)
+    w1 = torch.randn(dim, _TEACHER_WIDTH, generator=g) / math.sqrt(dim)
+    w2 = torch.randn(_TEACHER_WIDTH, 1, generator=g) / math.sqrt(_TEACHER_WIDTH)
+    x = torch.randn(n, *shape, generator=g)
+    y = torch.tanh(x.reshape(n, dim) @ w1) @ w2 + 0.1 * noise * torch.randn(n, 1, generator=g)
+    return x, y
+
+
+def _load_digits(cfg: Any, seed: int) -> _Source:
+    from sklearn.datasets import load_digits  # importing scikit-learn takes ~1 s: only here
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images).float().unsqueeze(1)  # (1797, 1, 8, 8), values 0..16
+    y = torch.from_numpy(digits.target).long()
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(_DIGITS_SPLIT_SEED))
+    n_test = round(_DIGITS_TEST_FRACTION * len(y))
+    test, train = order[:n_test], order[n_test:]
+    return _Source((x[train], y[train]), (x[test], y[test]), num_outputs=10)
+
+
+def _load_torchvision(class_name: str, cfg: Any, seed: int) -> _Source:
+    import torchvision.datasets  # slow import that only these datasets need
+
+    cls = getattr(torchvision.datasets, class_name)
+    try:
+        train, test = (cls(cfg.root, train=flag, download=cfg.download) for flag in (True, False))
+        source = _Source(_tensors(train), _tensors(test), num_outputs=len(train.classes))
+    except _READ_ERRORS as err:
+        raise _unreadable_files(cfg, cls, err) from err
+    return source
+
+
+def _tensors(dataset: Any) -> Split:
+    """A torchvision dataset's in-memory images (N, C, H, W) and labels, uint8 and int64."""
+    x = torch.as_tensor(dataset.data)
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # MNIST (N,H,W), CIFAR NHWC
+    y = torch.as_tensor(dataset.targets, dtype=torch.long)
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} images but {len(y)} labels")
+    return x, y
+
+
+def _unreadable_files(cfg: Any, cls: type, err: Exception) -> ConfigError:
+    """One line: where torchvision looked, what is wrong there and how to get the files."""
+    import torchvision.datasets
+
+    if issubclass(cls, torchvision.datasets.CIFAR10):
+        folder = Path(cfg.root).expanduser().resolve() / cls.base_folder
+        files = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    else:
+        folder = Path(cfg.root).expanduser().resolve() / cls.__name__ / "raw"
+        files = [name.removesuffix(".gz") for name, _ in cls.resources]
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing and cfg.download:
+        return ConfigError(
+            f"dataset {cfg.name}: download failed ({_one_line(err)}) and {', '.join(missing)} "
+            f"not found in {folder}; place the files there"
+        )
+    if missing:
+        return ConfigError(
+            f"dataset {cfg.name}: {', '.join(missing)} not found in {folder}; "
+            f"set dataset.download=true to download them, or place the files there"
+        )
+    return ConfigError(
+        f"dataset {cfg.name}: corrupt or incomplete files in {folder} ({_one_line(err)}); "
+        f"delete them and set dataset.download=true, or replace them with intact copies"
+    )
+
+
+def _one_line(err: Exception, max_chars: int = 200) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
+
+
+Loader = Callable[[Any, int], _Source]
+
+_DATASETS: dict[str, tuple[Loader, str]] = {
+    "toy": (
+        _load_toy,
+        "synthetic and learnable, deterministic per seed: class prototypes plus noise, or a "
+        "random teacher's regression (task, shape, num_classes, train_size, test_size, noise)",
+    ),
+    "digits": (
+        _load_digits,
+        "scikit-learn's 1797 real 8x8 handwritten digits, offline; fixed 20% test split",
+    ),
+    "mnist": (partial(_load_torchvision, "MNIST"), "torchvision MNIST from dataset.root"),
+    "fashion_mnist": (
+        partial(_load_torchvision, "FashionMNIST"),
+        "torchvision Fashion-MNIST from dataset.root",
+    ),
+    "cifar10": (partial(_load_torchvision, "CIFAR10"), "torchvision CIFAR-10 from dataset.root"),
+}
+
+
+def _standardize_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    dims = _stat_dims(x)
+    return x.mean(dims, keepdim=True), x.std(dims, correction=0, keepdim=True)
+
+
+def _minmax_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    dims = _stat_dims(x)
+    low = x.amin(dims, keepdim=True)
+    return low, x.amax(dims, keepdim=True) - low
+
+
+def _identity_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.zeros(()), torch.ones(())
+
+
+def _stat_dims(x: Tensor) -> tuple[int, ...]:
+    """Per channel for images (N, C, H, W), per feature for vectors (N, F)."""
+    return (0, 2, 3) if x.ndim == 4 else (0,)
+
+
+# name -> statistics (shift, scale) fitted on the training inputs: x becomes (x - shift) / scale
+_PREPROCESSORS: dict[str, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
+    "standardize": _standardize_stats,
+    "minmax": _minmax_stats,
+    "none": _identity_stats,
+}
+
+
+def dataset_names() -> list[str]:
+    """The names ``dataset.name`` accepts."""
+    return list(_DATASETS)
+
+
+def describe_datasets() -> dict[str, str]:
+    """One line per dataset, for ``normbench list``."""
+    return {name: description for name, (_, description) in _DATASETS.items()}
+
+
+def load_dataset(cfg: Any, seed: int) -> DataSplits:
+    """Load ``cfg.name`` (a DatasetConfig or DictConfig) as train/val/test CPU tensors."""
+    if cfg.name not in _DATASETS:
+        raise choices_error("dataset", cfg.name, dataset_names())
+    if cfg.preprocess not in _PREPROCESSORS:
+        raise choices_error("dataset.preprocess", cfg.preprocess, list(_PREPROCESSORS))
+    if not 0 < cfg.val_fraction < 1:
+        raise ConfigError(f"dataset.val_fraction must be between 0 and 1, got {cfg.val_fraction}")
+    if cfg.limit is not None and cfg.limit < 2:
+        raise ConfigError(f"dataset.limit must be at least 2 (or null), got {cfg.limit}")
+    if cfg.image_size is not None and cfg.image_size < 1:
+        raise ConfigError(f"dataset.image_size must be positive (or null), got {cfg.image_size}")
+    loader, _ = _DATASETS[cfg.name]
+    source = loader(cfg, seed)
+    train, val = _hold_out(source.train, cfg.val_fraction, cfg.limit, seed)
+    splits = [train, val] if source.test is None else [train, val, source.test]
+    inputs = [_to_float(x) for x, _ in splits]
+    if cfg.image_size is not None:
+        if inputs[0].ndim != 4:
+            raise ConfigError(
+                f"dataset.image_size resizes images, but dataset {cfg.name} gives feature "
+                f"vectors of shape {tuple(inputs[0].shape[1:])}; set dataset.image_size=null"
+            )
+        inputs = [_resize(x, cfg.image_size) for x in inputs]
+    shift, scale = _PREPROCESSORS[cfg.preprocess](inputs[0])
+    scale = torch.where(scale > 1e-6, scale, torch.ones_like(scale))  # constant inputs: shift
+    train, val, *test = [
+        (((x - shift) / scale).contiguous(), y) for x, (_, y) in zip(inputs, splits, strict=True)
+    ]
+    return DataSplits(
+        train=train,
+        val=val,
+        test=test[0] if test else None,
+        input_shape=tuple(train[0].shape[1:]),
+        num_outputs=source.num_outputs,
+        task=source.task,
+    )
+
+
+def _hold_out(
+    split: Split, val_fraction: float, limit: int | None, seed: int
+) -> tuple[Split, Split]:
+    """(train, val): at most ``limit`` examples in all, ``val_fraction`` of them for val."""
+    x, y = split
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:limit]
+    if len(order) < 2:
+        raise ConfigError(f"the training split has {len(order)} example(s); need at least 2")
+    n_val = min(max(round(val_fraction * len(order)), 1), len(order) - 1)
+    val, train = order[:n_val], order[n_val:]
+    return (x[train], y[train]), (x[val], y[val])
+
+
+def _to_float(x: Tensor) -> Tensor:
+    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
+
+
+def _resize(x: Tensor, size: int) -> Tensor:
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
