@@ -1,0 +1,28 @@
+"""Shared fixtures: the real configs shrunk to a one-epoch run on a few hundred examples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# Small enough that a run takes a fraction of a second, large enough to learn something.
+TINY = [
+    "epochs=1",
+    "quiet=true",
+    "dataset.train_size=240",
+    "dataset.test_size=60",
+    "dataset.limit=240",
+    "model.hidden=[32,16]",
+]
+
+
+@pytest.fixture
+def results_dir(tmp_path: Path) -> Path:
+    return tmp_path / "results"
+
+
+@pytest.fixture
+def tiny(results_dir: Path) -> list[str]:
+    """Overrides for a fast run writing into a temporary results folder."""
+    return [*TINY, f"results_dir={results_dir}"]
