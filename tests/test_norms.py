@@ -105,9 +105,10 @@ def test_every_norm_has_a_formula_and_a_config_file():
     assert "slower" in norms.describe_norms()["reference_batch"]
 
 
+@pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("name, spatial", CASES)
-def test_norm_matches_its_formula_in_train_then_eval(name, spatial):
-    module = build(name, spatial)
+def test_norm_matches_its_formula_in_train_then_eval(name, spatial, affine):
+    module = build(name, spatial, affine=affine)
     for training in (True, False):  # eval after a training step: running stats are not (0, 1)
         module.train(training)
         x = randn(*SHAPES[spatial])
