@@ -83,7 +83,8 @@ class Config:
     threads: int | None = None  # torch CPU threads; None leaves torch's default
     results_dir: str = "results"
     quiet: bool = False
-    diagnostics: bool = False
+    diagnostics: bool = False  # record per-layer statistics into diagnostics.csv
+    diagnostics_every: int = 10  # record every this many training steps
     skip_done: bool = False  # skip when complete results exist (sweeps set it)
     divergence_factor: float = 1e3  # loss above this times the first epoch's loss: diverged
 

@@ -60,7 +60,15 @@ METRIC_COLUMNS = [
 DONE_STATUSES = ("ok", "diverged")
 
 # Keys that say how or where to run, not what to run: they do not change a run's identity.
-_NON_IDENTITY_KEYS = {"results_dir", "quiet", "device", "threads", "diagnostics", "skip_done"}
+_NON_IDENTITY_KEYS = {
+    "results_dir",
+    "quiet",
+    "device",
+    "threads",
+    "diagnostics",
+    "diagnostics_every",
+    "skip_done",
+}
 
 
 def normalize_value(value: Any) -> Any:

@@ -1,0 +1,109 @@
+"""Experiments composed from the real configs and run for one epoch, called as a library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from normbench import results
+from normbench.app import compose_config
+from normbench.catalog import group_choices
+from normbench.errors import ConfigError
+from normbench.experiment import run_experiment
+from normbench.models import build_model
+
+NORMS = sorted(group_choices("norm"))
+MODELS = ["mlp", "lenet", "convnet"]
+
+
+def run(overrides: list[str]):
+    cfg, choices = compose_config(overrides)
+    return run_experiment(cfg, choices)
+
+
+def metrics(result) -> pd.DataFrame:
+    return pd.read_csv(result.path / results.METRICS_FILE).drop(columns=["epoch_seconds"])
+
+
+@pytest.mark.parametrize("dataset", ["toy", "digits"])
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("norm", NORMS)
+def test_every_model_and_norm_runs(model: str, norm: str, dataset: str, tiny: list[str]) -> None:
+    overrides = [*tiny, f"model={model}", f"norm={norm}", f"dataset={dataset}", "batch_size=16"]
+    if model == "mlp" and norm == "instance":
+        with pytest.raises(ConfigError, match="needs CNN feature maps"):
+            run(overrides)
+        return
+    result = run(overrides)
+    assert result.status == "ok"
+    row = result.rows[-1]
+    assert 0.0 <= row["val_acc"] <= 1.0 and row["grad_norm"] > 0
+
+
+def test_same_config_and_seed_give_identical_metrics(tiny: list[str], tmp_path: Path) -> None:
+    first = metrics(run([*tiny, "model=convnet", "epochs=2"]))
+    second = metrics(run([*tiny, "model=convnet", "epochs=2", f"results_dir={tmp_path / 'again'}"]))
+    pd.testing.assert_frame_equal(first, second)
+
+
+def test_different_seeds_differ(tiny: list[str]) -> None:
+    assert not metrics(run([*tiny, "seed=0"])).equals(metrics(run([*tiny, "seed=1"])))
+
+
+def test_run_id_follows_the_config(tiny: list[str]) -> None:
+    ids = {run([*tiny, f"lr={lr}"]).run_id for lr in (0.1, 0.1, 0.2)}
+    assert len(ids) == 2
+    # How and where to run is not part of a run's identity.
+    cfg, choices = compose_config([*tiny, "device=cpu", "threads=1"])
+    assert results.run_id(cfg, choices) == run(tiny).run_id
+
+
+def test_seeds_are_paired_across_norms(tiny: list[str]) -> None:
+    """Same seed: same first-layer weights with batch, layer or no norm (bias or not)."""
+    first_layers = []
+    for norm in ("batch", "layer", "none"):
+        cfg, _ = compose_config([*tiny, f"norm={norm}"])
+        model = build_model(cfg.model, cfg.norm, (1, 16, 16), 10)
+        from normbench.models import init_paired
+
+        init_paired(model, seed=3)
+        first_layers.append(model.blocks[0].layer.weight.detach().clone())
+        assert (model.blocks[0].layer.bias is None) == (norm == "batch")
+    assert all(torch.equal(first_layers[0], w) for w in first_layers[1:])
+
+
+def test_regression_as_in_document_000(tiny: list[str]) -> None:
+    result = run([*tiny, "dataset.task=regression", "dataset.shape=[10]", "model.hidden=[5]"])
+    frame = metrics(result)
+    assert frame["task"].tolist() == ["regression"]
+    assert frame["val_acc"].isna().all() and frame["val_loss"].notna().all()
+
+
+def test_loss_decreases_over_epochs(tiny: list[str]) -> None:
+    frame = metrics(run([*tiny, "epochs=4", "dataset.train_size=600"]))
+    assert frame["train_loss"].iloc[-1] < frame["train_loss"].iloc[0]
+
+
+def test_frozen_batch_norm_keeps_its_statistics(tiny: list[str]) -> None:
+    cfg, choices = compose_config([*tiny, "norm=batch_frozen"])
+    result = run_experiment(cfg, choices)
+    assert result.status == "ok"
+
+
+def test_plateau_scheduler_and_weight_decay_options(tiny: list[str]) -> None:
+    result = run(
+        [
+            *tiny,
+            "epochs=3",
+            "optimizer=adam",
+            "lr=0.001",
+            "optimizer.weight_decay=0.01",
+            "optimizer.scheduler=plateau",
+            "optimizer.plateau_patience=0",
+            "model.dropout=0.2",
+        ]
+    )
+    assert result.status == "ok"
