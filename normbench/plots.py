@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +19,7 @@ from normbench.report import (
     format_value,
     last_hidden_layer,
     layer_order,
+    shared_columns,
     summarize,
 )
 
@@ -64,15 +66,16 @@ def diagnostics_plots(plot_dir: Path, runs: pd.DataFrame, records: pd.DataFrame)
 
 def _figure(width: float, height: float) -> Figure:
     """A figure drawn by Agg directly (no pyplot: no GUI backend, no global figure list)."""
-    figure = Figure(figsize=(width, height))
+    figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)
     return figure
 
 
 def _panels(count: int) -> tuple[Figure, list[Axes]]:
+    """``count`` panels sharing the y axis, at most four a row."""
     columns = min(count, 4)
     rows = math.ceil(count / columns)
-    figure = _figure(4.2 * columns, 3.4 * rows + 0.8)
+    figure = _figure(4.2 * columns + 1.8, 3.4 * rows + 0.9)
     axes = figure.subplots(rows, columns, sharey=True, squeeze=False)
     for extra in axes.flat[count:]:
         extra.set_visible(False)
@@ -80,19 +83,37 @@ def _panels(count: int) -> tuple[Figure, list[Axes]]:
 
 
 def _save(figure: Figure, path: Path) -> Path:
-    figure.tight_layout()
     figure.savefig(path, dpi=110)
     return path
 
 
-def _colors(labels: list[str]) -> dict[str, tuple]:
-    cycle = matplotlib.colormaps["tab10"]
-    return {label: cycle(i % 10) for i, label in enumerate(labels)}
+def _palette() -> Callable[[str], tuple]:
+    """The same colour for the same label in every panel of a figure."""
+    cycle, colors = matplotlib.colormaps["tab10"], {}
+    return lambda label: colors.setdefault(label, cycle(len(colors) % 10))
 
 
-def _present(configs: pd.Series) -> list[str]:
-    """The configurations in ``configs`` (categorical), in their categories' order."""
-    return list(configs.cat.remove_unused_categories().cat.categories)
+def _legend(figure: Figure, axes: list[Axes], title: str) -> None:
+    """One legend for the figure, right of the panels, each label once."""
+    entries = {}
+    for ax in axes:
+        entries.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    figure.legend(entries.values(), entries.keys(), title=title, loc="outside right center")
+
+
+def _split(runs: pd.DataFrame, key: str) -> list[tuple[str, pd.DataFrame]]:
+    """Runs split by the settings besides the norm that vary (batch_size, dataset...), titled.
+
+    Norms are compared inside a panel; what tells two configurations of a norm apart that is
+    not the norm's own setting (``norm.*``) gets a panel of its own.
+    """
+    columns = shared_columns(configs_of(runs, key).context)
+    if not columns:
+        return [("", runs)]
+    return [
+        (", ".join(f"{c}={format_value(v)}" for c, v in zip(columns, values, strict=True)), part)
+        for values, part in runs.groupby(columns, dropna=False)
+    ]
 
 
 def learning_curves(
@@ -100,27 +121,29 @@ def learning_curves(
 ) -> Path:
     """One panel per value of ``by``; per norm the mean over seeds with a ±1 std band."""
     metric = metric.replace("test_", "val_")  # test metrics exist only at the last epoch
-    labels = configs_of(runs, by).labels
-    finished = runs["status"].eq("ok")
-    config = pd.Series(labels[finished].values, index=runs.loc[finished, "run_id"].values)
-    rows = curves[curves["run_id"].isin(config.index) & curves["epoch"].ge(1)]
-    rows = rows.assign(config=rows["run_id"].map(config))
-    values = sorted(rows[by].unique())
-    colors = _colors(_present(rows["config"]))
-    figure, axes = _panels(len(values))
-    for ax, value in zip(axes, values, strict=True):
-        panel = rows[rows[by].eq(value)]
-        for label, group in panel.groupby("config", observed=True):
-            stats = group.groupby("epoch")[metric].agg(["mean", "std"]).fillna({"std": 0})
-            ax.plot(stats.index, stats["mean"], marker="o", ms=3, color=colors[label], label=label)
+    finished = runs[runs["status"].eq("ok")]
+    panels = [
+        (", ".join(filter(None, [f"{_name(by)} = {format_value(value)}", title])), group)
+        for title, part in _split(finished, by)
+        for value, group in part.groupby(by)
+    ]
+    color = _palette()
+    figure, axes = _panels(len(panels))
+    for ax, (title, group) in zip(axes, panels, strict=True):
+        config = pd.Series(configs_of(group, by).labels.values, index=group["run_id"].values)
+        rows = curves[curves["run_id"].isin(config.index) & curves["epoch"].ge(1)]
+        rows = rows.assign(config=rows["run_id"].map(config))
+        for label, lines in rows.groupby("config", observed=True):
+            stats = lines.groupby("epoch")[metric].agg(["mean", "std"]).fillna({"std": 0})
+            ax.plot(stats.index, stats["mean"], marker="o", ms=3, color=color(label), label=label)
             low, high = stats["mean"] - stats["std"], stats["mean"] + stats["std"]
-            ax.fill_between(stats.index, low, high, color=colors[label], alpha=0.2)
-        ax.set_title(f"{_name(by)} = {format_value(value)}")
+            ax.fill_between(stats.index, low, high, color=color(label), alpha=0.2)
+        ax.set_title(title, fontsize="medium")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(_name(metric))
-    axes[0].legend(fontsize="small", title="norm")
+    _legend(figure, axes, "norm")
     figure.suptitle(
         f"Learning curves: {_name(metric)}, mean ± 1 std over seeds\n"
         "(diverged and failed runs left out)"
@@ -129,99 +152,98 @@ def learning_curves(
 
 
 def metric_against(path: Path, runs: pd.DataFrame, key: str, metric: str) -> Path:
-    """The final metric against ``key`` (log axis), one line per norm; x marks divergence."""
-    cells = summarize(runs, key, metric)
-    figure = _figure(7, 4.5)
-    ax = figure.subplots()
-    configs = _present(cells["config"])
-    colors = _colors(configs)
-    for label, group in cells.groupby("config", observed=True):
-        ax.errorbar(
-            group[key], group["mean"], yerr=group["std"].fillna(0), marker="o", capsize=3,
-            color=colors[label], label=label,
-        )  # fmt: skip
-    # Divergence counts in a strip above the curves, one row per configuration.
-    low, high = ax.get_ylim()
-    diverged = cells[cells["diverged"].gt(0)]
-    rows = list(dict.fromkeys(diverged["config"]))
-    ax.set_ylim(low, high + (high - low) * 0.08 * len(rows))
-    for _, cell in diverged.iterrows():
-        y = high + (high - low) * 0.08 * (rows.index(cell["config"]) + 0.5)
-        text = f"× {cell['diverged']}/{cell['runs']}"
-        ax.text(cell[key], y, text, color=colors[cell["config"]], ha="center", va="center")
-    values = sorted(cells[key].unique())
-    ax.set_xscale("log", base=2 if key == "batch_size" else 10)
-    ax.set_xticks(values, [format_value(v) for v in values])
-    ax.minorticks_off()
-    ax.set_xlabel(f"{_name(key)} (log scale)")
-    ax.set_ylabel(f"final {_name(metric)}")
-    ax.set_title(
+    """The final metric against ``key`` (log axis), one line per norm; × k/n marks divergence."""
+    panels = _split(runs, key)
+    color = _palette()
+    figure, axes = _panels(len(panels))
+    diverged = []
+    for ax, (title, part) in zip(axes, panels, strict=True):
+        cells = summarize(part, key, metric)
+        for label, line in cells.groupby("config", observed=True):
+            ax.errorbar(
+                line[key], line["mean"], yerr=line["std"].fillna(0), marker="o", capsize=3,
+                color=color(label), label=label,
+            )  # fmt: skip
+        diverged.append(cells[cells["diverged"].gt(0)])
+        values = sorted(part[key].unique())
+        ax.set_xscale("log", base=2 if key == "batch_size" else 10)
+        ax.set_xticks(values, [format_value(v) for v in values])
+        ax.minorticks_off()
+        ax.set_xlabel(f"{_name(key)} (log scale)")
+        ax.set_title(title, fontsize="medium")
+        ax.grid(alpha=0.3)
+    # Divergence counts in a strip above the curves (y is shared), a row per configuration.
+    low, high = axes[0].get_ylim()
+    step = (high - low) * 0.08
+    strips = [list(dict.fromkeys(cells["config"])) for cells in diverged]
+    axes[0].set_ylim(low, high + step * max(map(len, strips)))
+    for ax, cells, strip in zip(axes, diverged, strips, strict=True):
+        for _, cell in cells.iterrows():
+            y = high + step * (strip.index(cell["config"]) + 0.5)
+            text = f"× {cell['diverged']}/{cell['runs']}"
+            ax.text(cell[key], y, text, color=color(cell["config"]), ha="center", va="center")
+    axes[0].set_ylabel(f"final {_name(metric)}")
+    _legend(figure, axes, "norm")
+    figure.suptitle(
         f"Final {_name(metric)} vs {_name(key)}, mean ± 1 std over seeds\n"
-        "× k/n: k of n seeds diverged there (left out of the mean)",
-        fontsize="medium",
+        "× k/n: k of n seeds diverged there (left out of the mean)"
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", title="norm")
     return _save(figure, path)
 
 
-def _x_axis(records: pd.DataFrame) -> str:
-    return "step" if records["step"].notna().all() else "epoch"
-
-
-def _per_config(runs: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
+def _over_training(
+    runs: pd.DataFrame,
+    records: pd.DataFrame,
+    series: str,
+    styles: Callable[[str], dict],
+    ylabel: str,
+    title: str,
+) -> tuple[Figure, list[Axes]]:
+    """One panel per configuration, one line per value of ``series``, mean over seeds."""
     config = pd.Series(configs_of(runs, "seed").labels.values, index=runs["run_id"].values)
-    return records.assign(config=records["run_id"].map(config))
+    records = records.assign(config=records["run_id"].map(config))
+    x = "step" if records["step"].notna().all() else "epoch"
+    labels = list(records["config"].cat.remove_unused_categories().cat.categories)
+    figure, axes = _panels(len(labels))
+    for ax, label in zip(axes, labels, strict=True):
+        means = records[records["config"].eq(label)].groupby([series, x])["value"].mean()
+        for name in sorted(means.index.unique(series), key=layer_order):
+            line = means.loc[name]
+            ax.plot(line.index, line.values, label=name.removeprefix("preact_"), **styles(name))
+        ax.set_title(label, fontsize="medium")
+        ax.set_xlabel(f"training {x}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    _legend(figure, axes, series)
+    figure.suptitle(title)
+    return figure, axes
 
 
 def percentiles(path: Path, runs: pd.DataFrame, records: pd.DataFrame) -> Path:
     """Ioffe & Szegedy Fig. 1: last hidden layer's 15/50/85th percentiles, a panel per norm."""
     layer = last_hidden_layer(records)
-    rows = _per_config(
-        runs, records[records["layer"].eq(layer) & records["quantity"].isin(PERCENTILES)]
-    )
-    x = _x_axis(rows)
-    configs = _present(rows["config"])
-    figure, axes = _panels(len(configs))
-    for ax, label in zip(axes, configs, strict=True):
-        means = rows[rows["config"].eq(label)].groupby(["quantity", x])["value"].mean()
-        for quantity, style in zip(PERCENTILES, ("--", "-", ":"), strict=True):
-            if quantity in means.index:
-                line = means.loc[quantity]
-                ax.plot(line.index, line.values, style, color="black", label=f"{quantity[-2:]}th")
-        ax.set_title(label)
-        ax.set_xlabel(f"training {x}")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"{layer} pre-activation")
-    axes[0].legend(title="percentile", fontsize="small")
-    figure.suptitle(
+    rows = records[records["layer"].eq(layer) & records["quantity"].isin(PERCENTILES)]
+    rows = rows.rename(columns={"quantity": "percentile"})
+    dashes = dict(zip(PERCENTILES, ("--", "-", ":"), strict=True))
+    figure, _ = _over_training(
+        runs, rows, "percentile", lambda q: {"linestyle": dashes[q], "color": "black"},
+        f"{layer} pre-activation",
         f"Last hidden layer ({layer}): 15th, 50th and 85th percentiles of its pre-activation\n"
-        "over training (mean over seeds)"
-    )
+        "over training (mean over seeds)",
+    )  # fmt: skip
     return _save(figure, path)
 
 
 def gradient_norms(path: Path, runs: pd.DataFrame, records: pd.DataFrame) -> Path:
     """Each layer's gradient norm over training (log scale), one panel per norm."""
-    rows = _per_config(runs, records[records["quantity"].eq("grad_norm")])
-    x = _x_axis(rows)
-    configs = _present(rows["config"])
-    layers = sorted(rows["layer"].unique(), key=layer_order)
-    colors = _colors(layers)
-    figure, axes = _panels(len(configs))
-    for ax, label in zip(axes, configs, strict=True):
-        means = rows[rows["config"].eq(label)].groupby(["layer", x])["value"].mean()
-        for layer in layers:
-            if layer in means.index:
-                line = means.loc[layer]
-                ax.plot(line.index, line.values, color=colors[layer], label=layer)
+    color = _palette()
+    figure, axes = _over_training(
+        runs, records[records["quantity"].eq("grad_norm")], "layer",
+        lambda layer: {"color": color(layer)}, "gradient norm (log scale)",
+        "Gradient norm per layer over training (mean over seeds)",
+    )  # fmt: skip
+    for ax in axes:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ticker.LogFormatter())
         ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False))
-        ax.set_title(label)
-        ax.set_xlabel(f"training {x}")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("gradient norm (log scale)")
-    axes[0].legend(title="layer", fontsize="small")
-    figure.suptitle("Gradient norm per layer over training (mean over seeds)")
     return _save(figure, path)

@@ -332,7 +332,7 @@ def best_lr(runs: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _match_columns(context: list[str]) -> list[str]:
+def shared_columns(context: list[str]) -> list[str]:
     """Columns a configuration shares with its baseline: all but the norm's own settings."""
     return [c for c in context if not c.startswith("norm.")]
 
@@ -355,7 +355,7 @@ def stability(runs: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
     table = table.reset_index()
     table["ratio"] = np.nan
     if baseline is not None and baseline in set(table["norm"]):
-        match = _match_columns(configs.context)
+        match = shared_columns(configs.context)
         base = table[table["norm"].eq(baseline)]
         base = base.drop_duplicates(match) if match else base.head(1)
         base = base[[*match, "max_stable_lr", "censored"]].rename(
@@ -377,7 +377,7 @@ def paired(runs: pd.DataFrame, key: str, metric: str, baseline: str) -> pd.DataF
     configs = configs_of(runs, key)
     finished = runs["status"].eq("ok") & np.isfinite(runs[metric].astype(float))
     frame = runs[finished].assign(config=configs.labels[finished])
-    on = [*_match_columns(configs.context), key, "seed"]
+    on = [*shared_columns(configs.context), key, "seed"]
     base = frame.loc[frame["norm"].eq(baseline), [*on, metric]]
     pairs = frame[frame["norm"].ne(baseline)].merge(base, on=on, suffixes=("", "_baseline"))
     pairs["diff"] = pairs[metric] - pairs[f"{metric}_baseline"]

@@ -136,7 +136,7 @@ def _cell(row: pd.Series) -> str:
     if row["failed"]:
         notes.append(f"{row['failed']}/{row['runs']} failed")
     if not row["n"]:
-        return ", ".join(notes)
+        return ", ".join(notes) or DASH  # e.g. test_acc without a test split
     spread = f" ± {row['std']:.2g}" if row["n"] > 1 else ""
     return f"{row['mean']:.4g}{spread} ({', '.join(notes)})"
 

@@ -68,6 +68,7 @@ def write_run(
     final: float,
     status: str = "ok",
     batch_size: int = 32,
+    test_split: bool = True,
     **config: object,
 ) -> str:
     """One run folder with a metrics.csv as `normbench run` writes it; returns the run_id."""
@@ -97,7 +98,8 @@ def write_run(
                 **settings,
             )  # fmt: skip
         )
-    rows[-1].update(test_loss=1 - final + 0.05, test_acc=final - 0.05)
+    if test_split:
+        rows[-1].update(test_loss=1 - final + 0.05, test_acc=final - 0.05)
     if status == "diverged":  # stops at epoch 2 with a non-finite loss (and a garbage accuracy)
         rows = rows[:2]
         rows[-1].update(train_loss=math.inf, val_loss=math.nan, val_acc=0.1)
@@ -322,6 +324,14 @@ def test_latex_has_one_tabular_per_table(grid: Path) -> None:
     out = run_report(grid, fmt="latex", metric="val_loss")
     assert out.count(r"\begin{tabular}") == out.count(r"\end{tabular}") == 4
     assert r"val\_loss" in out and r"$\pm$" in out and r"\textbf{" in out
+
+
+def test_dataset_without_test_split_shows_dashes(tmp_path: Path) -> None:
+    for lr in (0.01, 0.1):
+        write_run(tmp_path, "batch", lr, 0, 0.8 + lr, test_split=False)
+    out = run_report(tmp_path, metric="test_acc", fmt="markdown")
+    assert "| batch | – | – |" in out  # main table: no value at either lr
+    assert "| batch | 0.1 | 0.9 (n=1) | – |" in out  # best lr: validation, no test
 
 
 @pytest.mark.parametrize(
