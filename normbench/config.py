@@ -80,7 +80,9 @@ class Config:
     epochs: int = 5
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | mps
-    threads: int | None = None  # torch CPU threads; None leaves torch's default
+    # torch CPU threads per run. One is fastest for these small models, and keeps results
+    # identical whether a sweep runs its jobs one after another or in parallel.
+    threads: int = 1
     results_dir: str = "results"
     quiet: bool = False
     diagnostics: bool = False  # record per-layer statistics into diagnostics.csv

@@ -20,6 +20,7 @@ from torch import nn
 
 from normbench import results
 from normbench.datasets import DataSplits, load_dataset
+from normbench.diagnostics import Recorder
 from normbench.errors import ConfigError
 from normbench.models import build_model, init_paired
 from normbench.train import (
@@ -46,7 +47,11 @@ def validate(cfg: DictConfig) -> None:
         (cfg.lr > 0, f"lr must be > 0; got {cfg.lr}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1; got {cfg.batch_size}"),
         (cfg.epochs >= 1, f"epochs must be >= 1; got {cfg.epochs}"),
-        (cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1; got {cfg.threads}"),
+        (
+            cfg.diagnostics_every >= 1,
+            f"diagnostics_every must be >= 1; got {cfg.diagnostics_every}",
+        ),
+        (cfg.threads >= 1, f"threads must be >= 1; got {cfg.threads}"),
         (cfg.divergence_factor > 1, "divergence_factor must be > 1"),
         (cfg.norm.num_groups >= 1, f"norm.num_groups must be >= 1; got {cfg.norm.num_groups}"),
         (cfg.optimizer.momentum >= 0, "optimizer.momentum must be >= 0"),
@@ -83,8 +88,7 @@ def run_experiment(
     if cfg.skip_done and results.is_complete(run_path):
         return RunResult(run_id, "skipped", run_path)
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads)  # per job: joblib's workers are reused across jobs
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.dataset, cfg.seed)
@@ -107,12 +111,18 @@ def run_experiment(
     }
     flat = {k: v for k, v in results.flat_config(cfg).items() if k not in keys}
     rows: list[dict[str, Any]] = []
+    recorder = Recorder(model, run_id, cfg.diagnostics_every) if cfg.diagnostics else None
     try:
-        status = _train(cfg, model, data, optimizer, scheduler, device, keys, flat, rows, console)
+        status = _train(
+            cfg, model, data, optimizer, scheduler, device, keys, flat, rows, console, recorder
+        )
     except Exception as error:
         record_failure(cfg, choices, error, traceback.format_exc(), rows)
         raise
-    _write(run_path, cfg, rows, status)
+    finally:
+        if recorder is not None:
+            recorder.close()
+    _write(run_path, cfg, rows, status, recorder=recorder)
     return RunResult(run_id, status, run_path, rows)
 
 
@@ -132,7 +142,9 @@ def record_failure(
     results.atomic_write_text(run_path / results.ERROR_FILE, trace)
 
 
-def _train(cfg, model, data: DataSplits, optimizer, scheduler, device, keys, flat, rows, console):
+def _train(
+    cfg, model, data: DataSplits, optimizer, scheduler, device, keys, flat, rows, console, recorder
+):
     loss_fn = nn.CrossEntropyLoss() if data.task == "classification" else nn.MSELoss()
     train, val = _to(data.train, device), _to(data.val, device)
     generator = torch.Generator().manual_seed(cfg.seed)  # data order: same seed, same order
@@ -151,6 +163,7 @@ def _train(cfg, model, data: DataSplits, optimizer, scheduler, device, keys, fla
                     cfg.batch_size,
                     generator,
                     freeze_norms=cfg.norm.freeze,
+                    on_step=recorder.on_step if recorder is not None else None,
                     on_batch=lambda: progress.advance(task),
                 )
                 step += stats.steps
@@ -161,6 +174,8 @@ def _train(cfg, model, data: DataSplits, optimizer, scheduler, device, keys, fla
                 val_loss, val_acc = (
                     (math.nan, math.nan) if diverged else evaluate(model, loss_fn, val)
                 )
+                if recorder is not None and not diverged:
+                    recorder.end_epoch(val, loss_fn, cfg.batch_size)
             row = {
                 **keys,
                 "epoch": epoch,
@@ -187,9 +202,18 @@ def _train(cfg, model, data: DataSplits, optimizer, scheduler, device, keys, fla
     return "ok"
 
 
-def _write(run_path: Path, cfg: DictConfig, rows: list[dict], status: str, error: str = "") -> None:
+def _write(
+    run_path: Path,
+    cfg: DictConfig,
+    rows: list[dict],
+    status: str,
+    error: str = "",
+    recorder: Recorder | None = None,
+) -> None:
     results.clear_run(run_path)
     results.atomic_write_text(run_path / results.CONFIG_FILE, OmegaConf.to_yaml(cfg))
+    if recorder is not None:
+        recorder.write(run_path / results.DIAGNOSTICS_FILE)
     for row in rows:
         row["status"] = status
         row["error"] = error.splitlines()[0] if error else ""

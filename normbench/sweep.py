@@ -36,6 +36,7 @@ from rich.table import Table
 
 from normbench import results
 from normbench.app import compose_job, hydra_context, launch
+from normbench.errors import ConfigError
 
 _CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
 
@@ -46,6 +47,7 @@ class Job:
     run_id: str
     path: Path
     done_before: bool  # complete results existed when the sweep was planned
+    threads: int
 
 
 def split_args(args: Sequence[str]) -> tuple[list[str], list[str], str | None]:
@@ -83,7 +85,7 @@ def plan_sweep(overrides: Sequence[str], config_dir: str | None = None) -> list[
             validate(cfg)
             run_id = results.run_id(cfg, choices)
             path = Path(cfg.results_dir) / run_id
-            jobs.append(Job(job_overrides, run_id, path, results.is_complete(path)))
+            jobs.append(Job(job_overrides, run_id, path, results.is_complete(path), cfg.threads))
     return jobs
 
 
@@ -108,6 +110,8 @@ def run_sweep(
     if dry_run:
         print_plan(plan, console)
         return 0
+    if jobs > 1:
+        check_cores(plan, jobs)
     todo = [job for job in plan if force or not job.done_before]
     if todo:
         launch_args = [*flags, *overrides, *_job_settings(overrides, jobs, force)]
@@ -118,16 +122,23 @@ def run_sweep(
 
 
 def _job_settings(overrides: Sequence[str], jobs: int, force: bool) -> list[str]:
-    """Overrides every job gets: quiet, skip-if-done, and the launcher with its threads."""
+    """Overrides every job gets: quiet, skip-if-done, and the launcher for ``--jobs``."""
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     settings = ["quiet=true", f"skip_done={str(not force).lower()}"]
     if jobs > 1:
         settings += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
-        if "threads" not in keys:
-            # loky reuses worker processes: each job sets its own threads from this key, and
-            # jobs x threads must not exceed the cores.
-            settings.append(f"threads={max(1, (os.cpu_count() or 1) // jobs)}")
     return [s for s in settings if s.split("=", 1)[0] not in keys]
+
+
+def check_cores(plan: list[Job], jobs: int) -> None:
+    """Parallel jobs times torch threads per job must not exceed the cores."""
+    cores = os.cpu_count() or 1
+    threads = max((job.threads for job in plan), default=1)
+    if jobs * threads > cores:
+        raise ConfigError(
+            f"--jobs {jobs} x threads={threads} exceeds the {cores} CPU cores; "
+            f"use --jobs {max(1, cores // threads)} or fewer"
+        )
 
 
 def run_job(cfg: DictConfig, choices: Mapping[str, str]) -> None:

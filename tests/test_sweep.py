@@ -1,0 +1,159 @@
+"""Sweeps: grids that skip what is done, survive failures, run in parallel and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from normbench import results
+from normbench.cli import app
+from normbench.sweep import plan_sweep
+
+runner = CliRunner()
+
+
+def sweep(*args: str):
+    return runner.invoke(app, ["sweep", *args])
+
+
+def complete_runs(results_dir: Path) -> dict[str, pd.DataFrame]:
+    return {
+        path.name: pd.read_csv(path / results.METRICS_FILE).drop(columns=["epoch_seconds"])
+        for path in sorted(results_dir.glob("[!.]*"))
+        if results.is_complete(path)
+    }
+
+
+def test_dry_run_counts_the_grid_and_runs_nothing(tiny: list[str], results_dir: Path) -> None:
+    result = sweep(
+        "--dry-run", "norm=batch,layer,group,none", "lr=0.01,0.1,1.0", "seed=0,1,2", *tiny
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "36 jobs" in result.stdout
+    assert not results_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "count"),
+    [
+        (["lr=range(0.1,0.35,0.1)"], 3),  # 0.30000000000000004 is recorded as 0.3
+        (["lr=choice(0.1,0.2)", "seed=0,1"], 4),
+        (["norm=glob(batch_n*)"], 2),  # batch_noaffine, batch_nostats
+        (["experiment=lr_robustness"], 4 * 4 * 3),
+        (["experiment=lr_robustness", "seed=0"], 4 * 4),  # the command line wins
+    ],
+)
+def test_hydra_sweep_syntax(overrides: list[str], count: int, tiny: list[str]) -> None:
+    plan = plan_sweep([*overrides, *tiny])
+    assert len(plan) == count
+    assert len({job.run_id for job in plan}) == count
+    assert not any("0000000" in job.run_id for job in plan)
+
+
+def test_grid_runs_once_then_skips(tiny: list[str], results_dir: Path) -> None:
+    grid = ["norm=batch,none", "lr=0.01,0.1", *tiny]
+    result = sweep(*grid)
+    assert result.exit_code == 0, result.stderr
+    runs = complete_runs(results_dir)
+    assert len(runs) == 4
+    mtimes = {p: p.stat().st_mtime_ns for p in results_dir.rglob(results.METRICS_FILE)}
+    again = sweep(*grid)
+    assert again.exit_code == 0
+    assert "skipped" in again.stdout and "│  0 │        0 │      0 │       4 │" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in results_dir.rglob(results.METRICS_FILE)} == mtimes
+    forced = sweep("--force", *grid)
+    assert forced.exit_code == 0
+    assert complete_runs(results_dir).keys() == runs.keys()
+
+
+def test_failed_job_does_not_stop_the_others(tiny: list[str], results_dir: Path) -> None:
+    # batch_size=1 makes BatchNorm fail at run time; norm=none trains fine.
+    result = sweep("norm=none,batch", "batch_size=1", *tiny)
+    assert result.exit_code == 1
+    assert "norm=batch batch_size=1" in result.stdout
+    assert "Expected more than 1 value per channel" in result.stdout
+    assert len(complete_runs(results_dir)) == 1
+    (failed,) = [p for p in results_dir.glob("[!.]*") if not results.is_complete(p)]
+    assert "Traceback" in (failed / results.ERROR_FILE).read_text()
+
+
+def test_bad_override_fails_before_any_job(tiny: list[str], results_dir: Path) -> None:
+    result = sweep("norm=batch,batchh", *tiny)
+    assert result.exit_code == 2
+    assert "unknown norm 'batchh'" in result.stderr
+    assert not results_dir.exists()
+    assert sweep("lr=0.1,-1", *tiny).exit_code == 2
+    assert not results_dir.exists()
+
+
+def _cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "normbench", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_parallel_jobs_give_the_sequential_metrics(tiny: list[str], tmp_path: Path) -> None:
+    grid = ["norm=batch,layer", "lr=0.05,0.5"]
+    sequential, parallel = tmp_path / "seq", tmp_path / "par"
+    assert sweep(*grid, *tiny, f"results_dir={sequential}").exit_code == 0
+    process = _cli("sweep", "--jobs", "2", *grid, *tiny, f"results_dir={parallel}", cwd=tmp_path)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    seq_runs, par_runs = complete_runs(sequential), complete_runs(parallel)
+    assert seq_runs.keys() == par_runs.keys() and len(seq_runs) == 4
+    for run_id, frame in seq_runs.items():
+        pd.testing.assert_frame_equal(frame, par_runs[run_id])
+
+
+def test_too_many_parallel_jobs_for_the_cores(tiny: list[str]) -> None:
+    result = sweep("--jobs", str((os.cpu_count() or 1) + 1), "norm=batch,none", *tiny)
+    assert result.exit_code == 2
+    assert "exceeds the" in result.stderr
+
+
+def test_submitit_local_launcher(tiny: list[str], tmp_path: Path) -> None:
+    process = _cli(
+        "sweep", "norm=batch,none", "hydra/launcher=submitit_local", *tiny,
+        f"results_dir={tmp_path / 'r'}", cwd=tmp_path,
+    )  # fmt: skip
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert len(complete_runs(tmp_path / "r")) == 2
+
+
+def test_killed_sweep_resumes_to_exactly_the_grid(tiny: list[str], tmp_path: Path) -> None:
+    grid = [
+        "norm=batch,none,layer",
+        "lr=0.01,0.1",
+        *tiny,
+        "epochs=2",
+        f"results_dir={tmp_path / 'r'}",
+    ]
+    process = _cli("sweep", *grid, cwd=tmp_path, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list((tmp_path / "r").glob("*/metrics.csv"))) < 2:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+    done_before = len(complete_runs(tmp_path / "r"))
+    assert 2 <= done_before < 6
+    resumed = _cli("sweep", *grid, cwd=tmp_path)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    runs = complete_runs(tmp_path / "r")
+    assert len(runs) == 6
+    assert all(frame["status"].eq("ok").all() for frame in runs.values())
+    assert len(list((tmp_path / "r").glob("[!.]*"))) == 6
