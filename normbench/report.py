@@ -245,7 +245,7 @@ def configs_of(runs: pd.DataFrame, key: str) -> Configs:
     columns already in the context are fixed; a run's label names the context columns that
     vary within its norm (``optimizer.name`` follows from ``optimizer``, so it is left out).
     """
-    base = ["norm", key, "seed"]
+    base = list(dict.fromkeys(["norm", key, "seed"]))
     context: list[str] = []
     for column in key_columns(runs):
         if column in base or column == "run_id" or runs[column].nunique(dropna=False) < 2:
@@ -343,7 +343,7 @@ def stability(runs: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
     ``censored`` means no seed diverged even at the largest lr tried: the limit is higher.
     """
     configs = configs_of(runs, "lr")
-    cells = summarize(runs, "lr", "val_loss", configs)
+    cells = summarize(runs, "lr", "val_loss", configs)  # only its run counts are used
     cells["stable"] = cells["diverged"].eq(0) & cells["runs"].gt(cells["failed"])
     grouped = cells.groupby("config", observed=True)
     table = grouped[["norm", *configs.context]].first()
@@ -377,7 +377,7 @@ def paired(runs: pd.DataFrame, key: str, metric: str, baseline: str) -> pd.DataF
     configs = configs_of(runs, key)
     finished = runs["status"].eq("ok") & np.isfinite(runs[metric].astype(float))
     frame = runs[finished].assign(config=configs.labels[finished])
-    on = [*shared_columns(configs.context), key, "seed"]
+    on = list(dict.fromkeys([*shared_columns(configs.context), key, "seed"]))
     base = frame.loc[frame["norm"].eq(baseline), [*on, metric]]
     pairs = frame[frame["norm"].ne(baseline)].merge(base, on=on, suffixes=("", "_baseline"))
     pairs["diff"] = pairs[metric] - pairs[f"{metric}_baseline"]

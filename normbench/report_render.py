@@ -70,7 +70,7 @@ class Report:
                     f"{self.metric} minus {self.baseline}, paired by seed",
                     f"Mean difference to the {self.baseline} run with the same {self.by}, seed and "
                     f"other settings, [95% confidence interval, t distribution] (n pairs); pairs "
-                    f"where either run diverged or failed are left out. Marked (*): the "
+                    f"where either run diverged or failed are left out. Marked: the "
                     f"interval excludes 0.",
                     marker="*",
                 )
@@ -197,7 +197,9 @@ def _stability_table(frame: pd.DataFrame, baseline: str | None) -> Table:
         if not (pd.isna(row["ratio"]) or row.get("baseline_censored", False)):
             ratio = f"{'≥ ' if row['censored'] else ''}{row['ratio']:.3g}x"
         rows.append([row["config"], stable, str(row["lrs_tried"])] + [ratio] * bool(baseline))
-    caption = "Largest lr at which no seed diverged. ≥: none diverged even at the largest lr tried."
+    caption = (
+        "Largest lr at which no seed diverged. ≥: no seed diverged even at the largest lr tried."
+    )
     columns = ["norm", "largest stable lr", "lrs tried"]
     if baseline:
         caption += f" Ratio: to {baseline} with the same other settings (– when it never diverged)."

@@ -128,6 +128,9 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (tmp_path / "short_row" / METRICS_FILE).write_text(text[: text.rindex(",")] + "\n")
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / METRICS_FILE).write_text("a,b\n1,2\n")
+    (tmp_path / "binary").mkdir()
+    (tmp_path / "binary" / METRICS_FILE).write_bytes(b"\xff\xfe\x00\x81 not text")
+    (tmp_path / "in_progress").mkdir()  # no metrics.csv yet: skipped without a warning
     return tmp_path
 
 
@@ -149,7 +152,8 @@ def test_load_skips_partial_and_foreign_files_naming_them(grid: Path) -> None:
     runs, warnings = load_runs(grid)
     assert len(runs) == 27  # one final row per run, failed ones included
     assert runs.groupby("status").size().to_dict() == {"diverged": 5, "failed": 1, "ok": 21}
-    assert len(warnings) == 3
+    assert len(warnings) == 4
+    assert any(str(grid / "binary" / METRICS_FILE) in w and "unreadable" in w for w in warnings)
     assert any(str(grid / "corrupt" / METRICS_FILE) in w and "cut off" in w for w in warnings)
     assert any(str(grid / "short_row" / METRICS_FILE) in w and "columns" in w for w in warnings)
     assert any(
@@ -188,7 +192,7 @@ def test_table_output_shows_cells_counts_and_tables(
 ) -> None:
     out = run_report(grid)
     warnings = capsys.readouterr().err.strip().splitlines()
-    assert len(warnings) == 3 and all(line.startswith("warning: skipped ") for line in warnings)
+    assert len(warnings) == 4 and all(line.startswith("warning: skipped ") for line in warnings)
     assert "0.9133 ± 0.015 (n=3)" in out  # batch, lr=0.1, marked best
     assert "★ 0.9133" in out
     assert "n=2, 1/3 diverged" in out and "3/3 diverged" in out and "n=2, 1/3 failed" in out
@@ -289,6 +293,11 @@ def test_by_batch_size_with_where(batch_grid: Path) -> None:
     assert frame["best"].tolist() == [False, True]
     out = run_report(batch_grid, by="batch_size")
     assert "batch_size=2" in out and "batch_size=32" in out
+
+
+def test_by_seed_shows_each_seed(batch_grid: Path) -> None:
+    out = run_report(batch_grid, where=["norm=group", "batch_size=2"], by="seed", fmt="csv")
+    assert pd.read_csv(io.StringIO(out))["mean"].tolist() == pytest.approx([0.85, 0.86])
 
 
 def test_markdown_is_pipe_tables(grid: Path) -> None:
