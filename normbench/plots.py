@@ -46,7 +46,9 @@ def result_plots(
 ) -> list[Path]:
     """Learning curves, and the final metric against lr, batch size and ``by`` where they vary."""
     plot_dir.mkdir(parents=True, exist_ok=True)
-    written = [learning_curves(plot_dir / "learning_curves.png", runs, curves, metric, by)]
+    written = []
+    if runs["status"].eq("ok").any():
+        written.append(learning_curves(plot_dir / "learning_curves.png", runs, curves, metric, by))
     for key in dict.fromkeys(["lr", "batch_size", by]):
         if pd.api.types.is_numeric_dtype(runs[key]) and runs[key].nunique() > 1:
             written.append(metric_against(plot_dir / f"{metric}_vs_{key}.png", runs, key, metric))
@@ -54,8 +56,13 @@ def result_plots(
 
 
 def diagnostics_plots(plot_dir: Path, runs: pd.DataFrame, records: pd.DataFrame) -> list[Path]:
-    """The last hidden layer's percentiles and every layer's gradient norm over training."""
+    """The last hidden layer's percentiles and every layer's gradient norm over training.
+
+    Diverged and failed runs are left out: their huge values would flatten every other panel.
+    """
     plot_dir.mkdir(parents=True, exist_ok=True)
+    runs = runs[runs["status"].eq("ok")]
+    records = records[records["run_id"].isin(runs["run_id"])]
     written = []
     if records["quantity"].isin(PERCENTILES).any():
         written.append(percentiles(plot_dir / "diagnostics_percentiles.png", runs, records))
@@ -229,7 +236,7 @@ def percentiles(path: Path, runs: pd.DataFrame, records: pd.DataFrame) -> Path:
         runs, rows, "percentile", lambda q: {"linestyle": dashes[q], "color": "black"},
         f"{layer} pre-activation",
         f"Last hidden layer ({layer}): 15th, 50th and 85th percentiles of its pre-activation\n"
-        "over training (mean over seeds)",
+        "over training (mean over seeds; diverged and failed runs left out)",
     )  # fmt: skip
     return _save(figure, path)
 
@@ -240,10 +247,12 @@ def gradient_norms(path: Path, runs: pd.DataFrame, records: pd.DataFrame) -> Pat
     figure, axes = _over_training(
         runs, records[records["quantity"].eq("grad_norm")], "layer",
         lambda layer: {"color": color(layer)}, "gradient norm (log scale)",
-        "Gradient norm per layer over training (mean over seeds)",
+        "Gradient norm per layer over training\n"
+        "(mean over seeds; diverged and failed runs left out)",
     )  # fmt: skip
     for ax in axes:
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(ticker.LogFormatter())
-        ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False))
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     return _save(figure, path)

@@ -464,7 +464,7 @@ def report(
     rows, warnings = load_runs(Path(results_dir), last_row_only=plot_dir is None or diagnostics)
     _warn(warnings)
     if rows.empty:
-        console.print(NO_RESULTS.format(dir=results_dir), markup=False)
+        console.print(NO_RESULTS.format(dir=results_dir), markup=False, soft_wrap=True)
         return
     runs = filter_runs(rows.drop_duplicates(RUN_DIR, keep="last"), where)  # final rows
     if by not in key_columns(runs) or by == "run_id":
@@ -479,7 +479,7 @@ def report(
         records, warnings = load_diagnostics(runs)
         _warn(warnings)
         if records.empty:
-            console.print(NO_DIAGNOSTICS.format(dir=results_dir), markup=False)
+            console.print(NO_DIAGNOSTICS.format(dir=results_dir), markup=False, soft_wrap=True)
             return
         summary = report_render.DiagnosticsReport(diagnostics_summary(runs, records))
     else:

@@ -102,7 +102,7 @@ class DiagnosticsReport:
     def tables(self) -> list[Table]:
         columns = ["grad_norm", "input_std", *(f"drift_{p}" for p in PERCENTILES), "eval_gap"]
         rows = [
-            [row["config"], row["layer"], *(_number(row[c]) for c in columns)]
+            [row["config"], row["layer"], *(_number(row[c], 3) for c in columns)]
             for _, row in self.table.iterrows()
         ]
         headers = ["norm", "layer", "mean grad norm", "final input std"]
@@ -218,7 +218,10 @@ def _records(frame: pd.DataFrame | None) -> list[dict]:
 def _rich(table: Table) -> RichTable:
     out = RichTable(title=table.title, caption=table.caption, caption_justify="left")
     for i, column in enumerate(table.columns):
-        out.add_column(column, justify="left" if i == 0 else "right", overflow="fold")
+        if i == 0:
+            out.add_column(column, no_wrap=True)
+        else:
+            out.add_column(column, justify="right", overflow="fold")
     for i, row in enumerate(table.rows):
         out.add_row(
             *(
