@@ -104,10 +104,11 @@ class Recorder:
 
     def _percentiles(self, block: nn.Module, layer: str, _module: nn.Module, args) -> None:
         if block.training:
-            x = args[0].detach().flatten().float()
+            x = args[0].detach().flatten()
             if x.numel() > QUANTILE_SAMPLE:
                 x = x[_sample_index(x.numel(), x.device)]
-            q = torch.quantile(x, torch.tensor(list(PERCENTILES.values()), device=x.device))
+            levels = torch.tensor(list(PERCENTILES.values()), dtype=x.dtype, device=x.device)
+            q = torch.quantile(x, levels)
             self._pending += [
                 (layer, name, value) for name, value in zip(PERCENTILES, q, strict=True)
             ]
@@ -116,7 +117,7 @@ class Recorder:
         """Turn the step's tensors into rows with one device sync."""
         if not self._pending:
             return
-        values = torch.stack([value.float() for _, _, value in self._pending])
+        values = torch.stack([value for _, _, value in self._pending])
         for (layer, quantity, _), value in zip(self._pending, values.tolist(), strict=True):
             self.rows.append(self._row(layer, quantity, value))
         self._pending.clear()
@@ -158,7 +159,7 @@ def eval_gap(model: nn.Module, loss_fn: nn.Module, data: Tensors, batch_size: in
     saved = [[buffer.clone() for buffer in layer.buffers()] for layer in layers]
     try:
         model.eval()
-        running = _metric(model, loss_fn, x, y, size)
+        running = _metric(model, loss_fn, x, y, len(x))  # per example: one batch will do
         for layer in layers:
             layer.train()
         batch = _metric(model, loss_fn, x, y, size)
