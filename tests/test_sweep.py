@@ -158,3 +158,15 @@ def test_killed_sweep_resumes_to_exactly_the_grid(tiny: list[str], tmp_path: Pat
     assert len(runs) == 6
     assert all(frame["status"].eq("ok").all() for frame in runs.values())
     assert len(list((tmp_path / "r").glob("[!.]*"))) == 6
+
+
+def test_two_sweeps_sharing_a_results_folder_lose_nothing(tiny: list[str], tmp_path: Path) -> None:
+    shared = f"results_dir={tmp_path / 'r'}"
+    first = _cli("sweep", "norm=batch,none", "lr=0.05,0.1", *tiny, shared, cwd=tmp_path)
+    second = _cli("sweep", "norm=none,layer", "lr=0.05,0.1", *tiny, shared, cwd=tmp_path)
+    for process in (first, second):
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+    runs = complete_runs(tmp_path / "r")
+    assert len(runs) == 6  # batch, none, layer x 2 lrs; the none runs overlap
+    assert not list((tmp_path / "r").rglob("*.tmp"))
