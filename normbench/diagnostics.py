@@ -79,16 +79,19 @@ class Recorder:
         self._disarm()
 
     def write(self, path: Path) -> None:
-        results.atomic_write_csv(path, self.rows, COLUMNS)
+        if self.rows:
+            results.atomic_write_csv(path, self.rows, COLUMNS)
+        else:  # a linear model records nothing; the header still says what the file is
+            results.atomic_write_text(path, ",".join(COLUMNS) + "\n")
 
     def _arm(self) -> None:
         blocks = self.model.blocks
         for index, block in enumerate(blocks):
             hook = partial(self._input_stats, block, f"block{index}")
             self._handles.append(block.norm.register_forward_pre_hook(hook))
-        last = blocks[-1]
-        hook = partial(self._percentiles, last, f"block{len(blocks) - 1}")
-        self._handles.append(last.act.register_forward_pre_hook(hook))
+        if blocks:  # a linear model (model.hidden=[]) has no hidden pre-activation
+            hook = partial(self._percentiles, blocks[-1], f"block{len(blocks) - 1}")
+            self._handles.append(blocks[-1].act.register_forward_pre_hook(hook))
 
     def _disarm(self) -> None:
         for handle in self._handles:

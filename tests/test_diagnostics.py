@@ -196,3 +196,8 @@ def test_report_reads_what_is_recorded(tiny: list[str], results_dir: Path, tmp_p
     assert pd.notna(batch.loc["model", "eval_gap"])
     names = {path.name for path in (tmp_path / "png").iterdir()}
     assert names == {"diagnostics_percentiles.png", "diagnostics_grad_norm.png"}
+
+
+def test_a_linear_model_records_nothing_but_the_header(tiny: list[str]) -> None:
+    _, result = run([*tiny, "model.hidden=[]", "norm=none", "diagnostics=true"])
+    assert (result.path / results.DIAGNOSTICS_FILE).read_text() == ",".join(COLUMNS) + "\n"
