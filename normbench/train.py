@@ -73,17 +73,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg):
     )
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
-    """Index batches over ``n`` examples, shuffled when a generator is given.
+def shuffled_batches(
+    n: int, batch_size: int, generator: torch.Generator, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """Index batches over a fresh permutation of ``n`` examples, already on ``device``.
 
-    Training drops the last incomplete batch: batch statistics over a handful of leftover
+    The last incomplete batch is dropped: batch statistics over a handful of leftover
     examples (or one, which BatchNorm rejects) would not be the batch size under study.
     """
-    if generator is None:
-        order = torch.arange(n)
-        yield from order.split(batch_size)
-        return
-    order = torch.randperm(n, generator=generator)
+    order = torch.randperm(n, generator=generator).to(device)
     for start in range(0, n - batch_size + 1, batch_size):
         yield order[start : start + batch_size]
 
@@ -110,8 +108,7 @@ def train_one_epoch(
     grad_sum = torch.zeros((), device=x.device)
     steps = seen = 0
     params = [p for p in model.parameters() if p.requires_grad]
-    for index in batches(len(x), batch_size, generator):
-        index = index.to(x.device)
+    for index in shuffled_batches(len(x), batch_size, generator, x.device):
         xb, yb = x[index], y[index]
         optimizer.zero_grad(set_to_none=True)
         out = model(xb)
@@ -121,7 +118,7 @@ def train_one_epoch(
         optimizer.step()
         steps += 1
         seen += len(index)
-        loss_sum += loss.detach() * len(index)
+        loss_sum.add_(loss.detach(), alpha=len(index))
         if classify:
             correct += (out.detach().argmax(1) == yb).sum()
         if on_step is not None:
@@ -146,12 +143,11 @@ def evaluate(
     classify = y.dtype == torch.int64
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.int64)
-    for index in batches(len(x), batch_size, None):
-        index = index.to(x.device)
-        out = model(x[index])
-        loss_sum += loss_fn(out, y[index]) * len(index)
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
+        out = model(xb)
+        loss_sum.add_(loss_fn(out, yb), alpha=len(xb))
         if classify:
-            correct += (out.argmax(1) == y[index]).sum()
+            correct += (out.argmax(1) == yb).sum()
     loss = (loss_sum / len(x)).item()
     return loss, correct.item() / len(x) if classify else math.nan
 

@@ -19,7 +19,7 @@ from normbench.diagnostics import COLUMNS, PERCENTILES, Recorder, eval_gap
 from normbench.experiment import run_experiment
 from normbench.models import build_model, init_paired
 from normbench.report import report
-from normbench.train import batches, make_optimizer
+from normbench.train import make_optimizer, shuffled_batches
 
 STEP_QUANTITIES = {"input_mean", "input_std", "grad_norm", *PERCENTILES}
 
@@ -103,7 +103,9 @@ def test_values_match_a_direct_computation(tiny: list[str]) -> None:
     init_paired(model, cfg.seed)
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr)
     x, y = data.train
-    order = batches(len(x), cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
+    order = shuffled_batches(
+        len(x), cfg.batch_size, torch.Generator().manual_seed(cfg.seed), x.device
+    )
     model.train()
     for step, index in zip(range(every + 1), order, strict=False):
         expected = {}
