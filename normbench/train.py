@@ -56,9 +56,9 @@ def make_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
             }
         ]
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, foreach=True)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum)
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=lr, foreach=True)
+        return torch.optim.Adam(params, lr=lr)
     raise choices_error("optimizer", cfg.name, ["sgd", "adam"])
 
 
