@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from normbench.reference_batchnorm import register_affine
+
 
 def _ramp(step: Tensor, length: int) -> Tensor:
     """0 up to ``step`` 0, then linear to 1 over ``length`` steps (a length of 0 counts as 1)."""
@@ -52,12 +54,7 @@ class BatchRenorm(nn.Module):
         self.rmax, self.dmax = rmax, dmax
         self.warmup_steps = warmup_steps
         self.rmax_ramp_steps, self.dmax_ramp_steps = rmax_ramp_steps, dmax_ramp_steps
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, num_features, affine)
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_std", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0))

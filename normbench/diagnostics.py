@@ -32,7 +32,6 @@ from normbench import norms, results
 
 Tensors = tuple[Tensor, Tensor]
 
-COLUMNS = ["run_id", "epoch", "step", "layer", "quantity", "value"]
 PERCENTILES = {"preact_p15": 0.15, "preact_p50": 0.50, "preact_p85": 0.85}
 # Percentiles of a larger pre-activation come from a fixed random subsample of this many values.
 QUANTILE_SAMPLE = 16_384
@@ -80,9 +79,9 @@ class Recorder:
 
     def write(self, path: Path) -> None:
         if self.rows:
-            results.atomic_write_csv(path, self.rows, COLUMNS)
+            results.atomic_write_csv(path, self.rows, results.DIAGNOSTIC_COLUMNS)
         else:  # a linear model records nothing; the header still says what the file is
-            results.atomic_write_text(path, ",".join(COLUMNS) + "\n")
+            results.atomic_write_text(path, ",".join(results.DIAGNOSTIC_COLUMNS) + "\n")
 
     def _arm(self) -> None:
         blocks = self.model.blocks

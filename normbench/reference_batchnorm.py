@@ -50,6 +50,16 @@ class BatchNormFunction(torch.autograd.Function):
         return dl_dx, dl_dgamma, dl_dbeta, None
 
 
+def register_affine(module: nn.Module, num_features: int, affine: bool) -> None:
+    """``weight`` (gamma, ones) and ``bias`` (beta, zeros), or None for both, as nn.BatchNorm."""
+    if affine:
+        module.weight = nn.Parameter(torch.ones(num_features))
+        module.bias = nn.Parameter(torch.zeros(num_features))
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
+
+
 class ReferenceBatchNorm(nn.Module):
     """Batch norm over (N, C) features or (N, C, H, W) maps, same arguments as nn.BatchNorm."""
 
@@ -66,12 +76,7 @@ class ReferenceBatchNorm(nn.Module):
         self.eps = eps
         self.momentum = momentum
         self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, num_features, affine)
         stats = track_running_stats
         self.register_buffer("running_mean", torch.zeros(num_features) if stats else None)
         self.register_buffer("running_var", torch.ones(num_features) if stats else None)

@@ -22,6 +22,7 @@ import pandas as pd
 
 from normbench.errors import ConfigError, choices_error
 from normbench.results import (
+    DIAGNOSTIC_COLUMNS,
     DIAGNOSTICS_FILE,
     KEY_COLUMNS,
     METRIC_COLUMNS,
@@ -45,7 +46,6 @@ METRICS = (
 FORMATS = ("table", "csv", "markdown", "latex", "json")
 STATUSES = ("ok", "diverged", "failed")
 # diagnostics.csv: one tidy row per record (the recorder in normbench writes these columns).
-DIAGNOSTIC_COLUMNS = ["run_id", "epoch", "step", "layer", "quantity", "value"]
 PERCENTILES = ("preact_p15", "preact_p50", "preact_p85")
 RUN_DIR = "_run_dir"  # the folder each row was read from (internal column)
 NO_RESULTS = "no results under {dir}; produce some with `normbench run` or `normbench sweep ...`"

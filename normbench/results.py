@@ -57,6 +57,7 @@ METRIC_COLUMNS = [
     "status",
     "error",
 ]
+DIAGNOSTIC_COLUMNS = ["run_id", "epoch", "step", "layer", "quantity", "value"]
 DONE_STATUSES = ("ok", "diverged")
 
 # Keys that say how or where to run, not what to run: they do not change a run's identity.

@@ -15,7 +15,7 @@ from torch import nn
 from normbench import diagnostics, results
 from normbench.app import compose_config
 from normbench.datasets import load_dataset
-from normbench.diagnostics import COLUMNS, PERCENTILES, Recorder, eval_gap
+from normbench.diagnostics import PERCENTILES, Recorder, eval_gap
 from normbench.experiment import run_experiment
 from normbench.models import build_model, init_paired
 from normbench.report import report
@@ -52,7 +52,7 @@ def test_csv_layout_steps_and_hooks_removed(tiny: list[str], hooked_modules) -> 
     # (hooks must ignore eval-mode forward passes).
     _, result = run([*tiny, "diagnostics=true", "diagnostics_every=3", "epochs=2"])
     frame = records(result)
-    assert list(frame.columns) == COLUMNS
+    assert list(frame.columns) == results.DIAGNOSTIC_COLUMNS
     assert set(frame["run_id"]) == {result.run_id}
     steps = frame[frame["quantity"].ne("eval_gap")]
     per_step = steps.groupby(["layer", "quantity"])["step"].apply(list)
@@ -202,4 +202,6 @@ def test_report_reads_what_is_recorded(tiny: list[str], results_dir: Path, tmp_p
 
 def test_a_linear_model_records_nothing_but_the_header(tiny: list[str]) -> None:
     _, result = run([*tiny, "model.hidden=[]", "norm=none", "diagnostics=true"])
-    assert (result.path / results.DIAGNOSTICS_FILE).read_text() == ",".join(COLUMNS) + "\n"
+    assert (result.path / results.DIAGNOSTICS_FILE).read_text() == ",".join(
+        results.DIAGNOSTIC_COLUMNS
+    ) + "\n"
