@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,6 +130,14 @@ def _number(value: float, digits: int = 4) -> str:
     return DASH if pd.isna(value) else f"{value:.{digits}g}"
 
 
+def _mean_std(mean: float, std: float, n: int) -> str:
+    """``0.650 ± 0.026``: the mean to the precision of the std's two significant digits."""
+    if n < 2 or not math.isfinite(std) or std <= 0:
+        return f"{mean:.4g}"
+    decimals = max(0, 1 - math.floor(math.log10(std)))
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+
+
 def _cell(row: pd.Series) -> str:
     notes = [f"n={row['n']}"] if row["n"] else []
     if row["diverged"]:
@@ -137,8 +146,7 @@ def _cell(row: pd.Series) -> str:
         notes.append(f"{row['failed']}/{row['runs']} failed")
     if not row["n"]:
         return ", ".join(notes) or DASH  # e.g. test_acc without a test split
-    spread = f" ± {row['std']:.2g}" if row["n"] > 1 else ""
-    return f"{row['mean']:.4g}{spread} ({', '.join(notes)})"
+    return f"{_mean_std(row['mean'], row['std'], row['n'])} ({', '.join(notes)})"
 
 
 def _difference(row: pd.Series) -> str:
@@ -183,7 +191,7 @@ def _best_lr_table(frame: pd.DataFrame) -> Table:
 def _spread(mean: float, std: float, n: int) -> str:
     if not n or pd.isna(mean):
         return DASH
-    return f"{mean:.4g} ± {std:.2g} (n={n})" if n > 1 else f"{mean:.4g} (n=1)"
+    return f"{_mean_std(mean, std, n)} (n={n})"
 
 
 def _stability_table(frame: pd.DataFrame, baseline: str | None) -> Table:

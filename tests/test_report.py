@@ -193,8 +193,8 @@ def test_table_output_shows_cells_counts_and_tables(
     out = run_report(grid)
     warnings = capsys.readouterr().err.strip().splitlines()
     assert len(warnings) == 4 and all(line.startswith("warning: skipped ") for line in warnings)
-    assert "0.9133 ± 0.015 (n=3)" in out  # batch, lr=0.1, marked best
-    assert "★ 0.9133" in out
+    assert "0.913 ± 0.015 (n=3)" in out  # batch, lr=0.1, marked best
+    assert "★ 0.913" in out
     assert "n=2, 1/3 diverged" in out and "3/3 diverged" in out and "n=2, 1/3 failed" in out
     for title in ("val_acc at the last epoch, by lr", "Best learning rate", "Stability"):
         assert title in out
@@ -308,7 +308,7 @@ def test_markdown_is_pipe_tables(grid: Path) -> None:
         rows = [line for line in block.splitlines() if line.startswith("|")]
         assert rows[1].replace(" ", "").strip("|").split("|") == ["---"] * (rows[0].count("|") - 1)
         assert {row.count("|") for row in rows} == {rows[0].count("|")}
-    assert "**0.9133 ± 0.015 (n=3)**" in out
+    assert "**0.913 ± 0.015 (n=3)**" in out
 
 
 def test_csv_reads_back_with_pandas(grid: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
