@@ -395,21 +395,24 @@ def paired(runs: pd.DataFrame, key: str, metric: str, baseline: str) -> pd.DataF
 def diagnostics_summary(runs: pd.DataFrame, diagnostics: pd.DataFrame) -> pd.DataFrame:
     """Per configuration and layer: mean gradient norm, final input std, percentile drift.
 
-    Drift is the last minus the first record of a run, averaged over seeds; "final" values
-    are each run's last record averaged over seeds.
+    Drift is a run's largest departure from its first record (a percentile that dips and
+    comes back still drifted), averaged over seeds; "final" values are each run's last record
+    averaged over seeds.
     """
     labels = configs_of(runs, "seed").labels
     frame = diagnostics.merge(runs[["run_id"]].assign(config=labels), on="run_id")
     keys = ["config", "layer", "quantity"]
-    per_run = frame.groupby([*keys, "run_id"], sort=False, observed=True)["value"].agg(
-        ["first", "last", "mean"]
+    first = frame.groupby([*keys, "run_id"], sort=False, observed=True)["value"].transform("first")
+    frame = frame.assign(departure=(frame["value"] - first).abs())
+    per_run = frame.groupby([*keys, "run_id"], sort=False, observed=True).agg(
+        last=("value", "last"), mean=("value", "mean"), drift=("departure", "max")
     )
     per_config = per_run.groupby(keys, observed=True).mean()
     table = pd.concat(
         [
             per_config["mean"].unstack("quantity").reindex(columns=["grad_norm"]),
             per_config["last"].unstack("quantity").reindex(columns=["input_std", "eval_gap"]),
-            (per_config["last"] - per_config["first"])
+            per_config["drift"]
             .unstack("quantity")
             .reindex(columns=list(PERCENTILES))
             .add_prefix("drift_"),

@@ -107,12 +107,11 @@ class DiagnosticsReport:
             for _, row in self.table.iterrows()
         ]
         headers = ["norm", "layer", "mean grad norm", "final input std"]
-        headers += [f"Δ{p.split('_')[1]}" for p in PERCENTILES] + ["final eval gap"]
+        headers += [f"drift {p.split('_')[1]}" for p in PERCENTILES] + ["final eval gap"]
         caption = (
-            "Averaged over seeds. Δp15/Δp50/Δp85: change of the last hidden layer's "
-            "pre-activation percentiles from the first to the last record (Ioffe & Szegedy "
-            "Fig. 1). Eval gap: validation metric with running statistics minus with batch "
-            "statistics."
+            "Averaged over seeds. Drift: the largest departure of the last hidden layer's "
+            "pre-activation percentiles from their first record (Ioffe & Szegedy Fig. 1). "
+            "Eval gap: validation metric with running statistics minus with batch statistics."
         )
         return [Table("Diagnostics per layer", headers, rows, caption)]
 

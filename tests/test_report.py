@@ -385,7 +385,8 @@ def test_batch_size_plot(batch_grid: Path, tmp_path_factory: pytest.TempPathFact
 
 
 def write_diagnostics(root: Path, run_id: str, drift: float) -> None:
-    """Two layers; block1 carries the percentiles, which move by ``drift`` per epoch."""
+    """Two layers; block1 carries the percentiles: p50 and p85 move by ``drift`` per epoch,
+    p15 dips by ``drift`` at epoch 2 and comes back."""
     rows = []
     for epoch in (1, 2, 3):
         for layer, grad in (("block0", 2.0 * epoch), ("block1", 1.0)):
@@ -396,7 +397,7 @@ def write_diagnostics(root: Path, run_id: str, drift: float) -> None:
         rows += [
             dict(run_id=run_id, epoch=epoch, step=10 * epoch, layer="block1", quantity=q, value=v)
             for q, v in (
-                ("preact_p15", -1 + drift * epoch),
+                ("preact_p15", -1 - drift * (epoch == 2)),
                 ("preact_p50", drift * epoch),
                 ("preact_p85", 1 + 2 * drift * epoch),
             )
@@ -423,6 +424,8 @@ def test_diagnostics_summary_per_norm_and_layer(diagnosed: Path) -> None:
     # drift from epoch 1 to 3: 2 * drift, drift averaged over seeds (0.5 and 1.5) = 1.0
     assert table.loc[("none", "block1"), "drift_preact_p50"] == pytest.approx(2.0)
     assert table.loc[("none", "block1"), "drift_preact_p85"] == pytest.approx(4.0)
+    # a dip that comes back still drifted: its depth, averaged over seeds
+    assert table.loc[("none", "block1"), "drift_preact_p15"] == pytest.approx(1.0)
     assert table.loc[("batch", "block1"), "drift_preact_p15"] == pytest.approx(0.0)
     assert math.isnan(table.loc[("batch", "block0"), "drift_preact_p50"])
 
@@ -432,7 +435,7 @@ def test_diagnostics_report_table_and_plots(
 ) -> None:
     plots = tmp_path_factory.mktemp("plots")
     out = run_report(diagnosed, diagnostics=True, plot_dir=plots)
-    assert "Diagnostics per layer" in out and "block1" in out and "Δp50" in out
+    assert "Diagnostics per layer" in out and "block1" in out and "drift p50" in out
     assert_pngs(plots, {"diagnostics_percentiles.png", "diagnostics_grad_norm.png"})
     frame = pd.read_csv(io.StringIO(run_report(diagnosed, diagnostics=True, fmt="csv")))
     assert set(frame["config"]) == {"batch", "none"} and len(frame) == 4
