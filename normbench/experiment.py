@@ -89,33 +89,17 @@ def run_experiment(
         return RunResult(run_id, "skipped", run_path)
 
     torch.set_num_threads(cfg.threads)  # per job: joblib's workers are reused across jobs
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    data = load_dataset(cfg.dataset, cfg.seed)
-    model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs)
-    init_paired(model, cfg.seed)
-    model.to(device)
-    n_train = len(data.train[0])
-    if cfg.batch_size > n_train:
-        raise ConfigError(f"batch_size {cfg.batch_size} exceeds the {n_train} training examples")
-    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr)
-    scheduler = make_scheduler(optimizer, cfg.optimizer)
-
-    keys = {
+    setup = prepare(cfg)
+    base_row = {
         "run_id": run_id,
         **choices,
-        "task": data.task,
-        "lr": results.normalize_value(float(cfg.lr)),
-        "batch_size": cfg.batch_size,
-        "seed": cfg.seed,
+        "task": setup.data.task,
+        **results.flat_config(cfg),
     }
-    flat = {k: v for k, v in results.flat_config(cfg).items() if k not in keys}
     rows: list[dict[str, Any]] = []
-    recorder = Recorder(model, run_id, cfg.diagnostics_every) if cfg.diagnostics else None
+    recorder = Recorder(setup.model, run_id, cfg.diagnostics_every) if cfg.diagnostics else None
     try:
-        status = _train(
-            cfg, model, data, optimizer, scheduler, device, keys, flat, rows, console, recorder
-        )
+        status = _train(cfg, setup, base_row, rows, recorder, console)
     except Exception as error:
         record_failure(cfg, choices, error, traceback.format_exc(), rows)
         raise
@@ -124,6 +108,32 @@ def run_experiment(
             recorder.close()
     _write(run_path, cfg, rows, status, recorder=recorder)
     return RunResult(run_id, status, run_path, rows)
+
+
+@dataclass
+class Setup:
+    """What a run trains: data and model on the device, optimizer and scheduler."""
+
+    device: torch.device
+    data: DataSplits
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None
+
+
+def prepare(cfg: DictConfig) -> Setup:
+    """Load the data and build the model and optimizer; invalid input raises ConfigError."""
+    device = pick_device(cfg.device)
+    data = load_dataset(cfg.dataset, cfg.seed)
+    n_train = len(data.train[0])
+    if cfg.batch_size > n_train:
+        raise ConfigError(f"batch_size {cfg.batch_size} exceeds the {n_train} training examples")
+    model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs)
+    init_paired(model, cfg.seed)
+    torch.manual_seed(cfg.seed)  # dropout and anything else drawing from the global stream
+    model.to(device)
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr)
+    return Setup(device, data, model, optimizer, make_scheduler(optimizer, cfg.optimizer))
 
 
 def record_failure(
@@ -136,23 +146,29 @@ def record_failure(
     """Write a run's results with status ``failed``, its message, and its traceback."""
     run_path = Path(cfg.results_dir) / results.run_id(cfg, choices)
     if not rows:
-        keys = {"run_id": run_path.name, **choices, "lr": cfg.lr, "batch_size": cfg.batch_size}
-        rows = [{**keys, "seed": cfg.seed, "epoch": 0, **results.flat_config(cfg)}]
+        rows = [{"run_id": run_path.name, **choices, "epoch": 0, **results.flat_config(cfg)}]
     _write(run_path, cfg, rows, "failed", f"{type(error).__name__}: {error}")
     results.atomic_write_text(run_path / results.ERROR_FILE, trace)
 
 
 def _train(
-    cfg, model, data: DataSplits, optimizer, scheduler, device, keys, flat, rows, console, recorder
-):
+    cfg: DictConfig,
+    setup: Setup,
+    base_row: dict[str, Any],
+    rows: list[dict[str, Any]],
+    recorder: Recorder | None,
+    console: Console | None,
+) -> str:
+    """Train for ``cfg.epochs``, appending a row per epoch; return ``ok`` or ``diverged``."""
+    model, optimizer, data = setup.model, setup.optimizer, setup.data
     loss_fn = nn.CrossEntropyLoss() if data.task == "classification" else nn.MSELoss()
-    train, val = _to(data.train, device), _to(data.val, device)
+    train, val = _to(data.train, setup.device), _to(data.val, setup.device)
     generator = torch.Generator().manual_seed(cfg.seed)  # data order: same seed, same order
     steps_per_epoch = len(train[0]) // cfg.batch_size
     step = 0
-    first_loss = None
+    first_loss = math.nan
     with _progress(cfg, console) as progress:
-        task = progress.add_task(keys["run_id"], total=cfg.epochs * steps_per_epoch, info="")
+        task = progress.add_task(base_row["run_id"], total=cfg.epochs * steps_per_epoch, info="")
         for epoch in range(1, cfg.epochs + 1):
             with Timer() as timer:
                 stats = train_one_epoch(
@@ -167,7 +183,8 @@ def _train(
                     on_batch=lambda: progress.advance(task),
                 )
                 step += stats.steps
-                first_loss = first_loss if first_loss is not None else stats.loss
+                if epoch == 1:
+                    first_loss = stats.first_loss
                 diverged = not math.isfinite(stats.loss) or (
                     stats.loss > cfg.divergence_factor * max(first_loss, 1e-12)
                 )
@@ -177,7 +194,7 @@ def _train(
                 if recorder is not None and not diverged:
                     recorder.end_epoch(val, loss_fn, cfg.batch_size)
             row = {
-                **keys,
+                **base_row,
                 "epoch": epoch,
                 "step": step,
                 "train_loss": stats.loss,
@@ -187,18 +204,16 @@ def _train(
                 "grad_norm": stats.grad_norm,
                 "lr_now": optimizer.param_groups[0]["lr"],
                 "epoch_seconds": timer.seconds,
-                **flat,
             }
             rows.append(row)
             if diverged:
                 return "diverged"
-            if scheduler is not None:
-                scheduler.step(val_loss)
+            if setup.scheduler is not None:
+                setup.scheduler.step(val_loss)
             progress.update(task, info=_progress_info(row))
     if data.test is not None:
-        rows[-1]["test_loss"], rows[-1]["test_acc"] = evaluate(
-            model, loss_fn, _to(data.test, device)
-        )
+        test = _to(data.test, setup.device)
+        rows[-1]["test_loss"], rows[-1]["test_acc"] = evaluate(model, loss_fn, test)
     return "ok"
 
 

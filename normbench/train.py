@@ -24,6 +24,7 @@ StepHook = Callable[[nn.Module, int], None]
 @dataclass
 class EpochStats:
     loss: float
+    first_loss: float  # of the epoch's first step: the reference for divergence
     acc: float  # nan for regression
     grad_norm: float  # mean global gradient norm over the epoch's steps
     steps: int
@@ -104,6 +105,7 @@ def train_one_epoch(
     x, y = data
     classify = y.dtype == torch.int64
     loss_sum = torch.zeros((), device=x.device)
+    first_loss = torch.full((), math.nan, device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.int64)
     grad_sum = torch.zeros((), device=x.device)
     steps = seen = 0
@@ -116,6 +118,8 @@ def train_one_epoch(
         loss.backward()
         grad_sum += nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         optimizer.step()
+        if steps == 0:
+            first_loss = loss.detach()
         steps += 1
         seen += len(index)
         loss_sum.add_(loss.detach(), alpha=len(index))
@@ -127,6 +131,7 @@ def train_one_epoch(
             on_batch()
     return EpochStats(
         loss=(loss_sum / max(seen, 1)).item(),
+        first_loss=first_loss.item(),
         acc=correct.item() / max(seen, 1) if classify else math.nan,
         grad_norm=(grad_sum / max(steps, 1)).item(),
         steps=steps,
