@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
+from normbench.errors import ConfigError
+
 
 @dataclass
 class ModelConfig:
@@ -89,6 +91,27 @@ class Config:
     diagnostics_every: int = 10  # record every this many training steps
     skip_done: bool = False  # skip when complete results exist (sweeps set it)
     divergence_factor: float = 1e3  # loss above this times the first epoch's loss: diverged
+
+
+def validate(cfg: Config) -> None:
+    """Range checks the typed schema cannot express. Raises ConfigError."""
+    checks = [
+        (cfg.lr > 0, f"lr must be > 0; got {cfg.lr}"),
+        (cfg.batch_size >= 1, f"batch_size must be >= 1; got {cfg.batch_size}"),
+        (cfg.epochs >= 1, f"epochs must be >= 1; got {cfg.epochs}"),
+        (
+            cfg.diagnostics_every >= 1,
+            f"diagnostics_every must be >= 1; got {cfg.diagnostics_every}",
+        ),
+        (cfg.threads >= 1, f"threads must be >= 1; got {cfg.threads}"),
+        (cfg.divergence_factor > 1, "divergence_factor must be > 1"),
+        (cfg.norm.num_groups >= 1, f"norm.num_groups must be >= 1; got {cfg.norm.num_groups}"),
+        (cfg.optimizer.momentum >= 0, "optimizer.momentum must be >= 0"),
+        (cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def register_configs() -> None:

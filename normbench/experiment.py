@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 
 from normbench import results
+from normbench.config import validate
 from normbench.datasets import DataSplits, load_dataset
 from normbench.diagnostics import Recorder
 from normbench.errors import ConfigError
@@ -39,27 +40,6 @@ class RunResult:
     status: str  # ok | diverged | failed | skipped
     path: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
-
-
-def validate(cfg: DictConfig) -> None:
-    """Range checks the typed schema cannot express. Raises ConfigError."""
-    checks = [
-        (cfg.lr > 0, f"lr must be > 0; got {cfg.lr}"),
-        (cfg.batch_size >= 1, f"batch_size must be >= 1; got {cfg.batch_size}"),
-        (cfg.epochs >= 1, f"epochs must be >= 1; got {cfg.epochs}"),
-        (
-            cfg.diagnostics_every >= 1,
-            f"diagnostics_every must be >= 1; got {cfg.diagnostics_every}",
-        ),
-        (cfg.threads >= 1, f"threads must be >= 1; got {cfg.threads}"),
-        (cfg.divergence_factor > 1, "divergence_factor must be > 1"),
-        (cfg.norm.num_groups >= 1, f"norm.num_groups must be >= 1; got {cfg.norm.num_groups}"),
-        (cfg.optimizer.momentum >= 0, "optimizer.momentum must be >= 0"),
-        (cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay must be >= 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
 
 
 def default_choices(cfg: DictConfig) -> dict[str, str]:

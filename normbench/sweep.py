@@ -36,6 +36,7 @@ from rich.table import Table
 
 from normbench import results
 from normbench.app import compose_job, hydra_context, launch
+from normbench.config import validate
 from normbench.errors import ConfigError
 
 _CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
@@ -70,8 +71,6 @@ def plan_sweep(overrides: Sequence[str], config_dir: str | None = None) -> list[
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from normbench.experiment import validate
 
     with hydra_context(config_dir):
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())

@@ -135,7 +135,10 @@ def test_submitit_local_launcher(tiny: list[str], tmp_path: Path) -> None:
     assert len(complete_runs(tmp_path / "r")) == 2
 
 
-def test_killed_sweep_resumes_to_exactly_the_grid(tiny: list[str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_killed_sweep_resumes_to_exactly_the_grid(
+    signum: int, tiny: list[str], tmp_path: Path
+) -> None:
     grid = [
         "norm=batch,none,layer",
         "lr=0.01,0.1",
@@ -147,8 +150,8 @@ def test_killed_sweep_resumes_to_exactly_the_grid(tiny: list[str], tmp_path: Pat
     deadline = time.time() + 240
     while time.time() < deadline and len(list((tmp_path / "r").glob("*/metrics.csv"))) < 2:
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.communicate()
+    os.killpg(process.pid, signum)
+    process.communicate(timeout=60)
     done_before = len(complete_runs(tmp_path / "r"))
     assert 2 <= done_before < 6
     resumed = _cli("sweep", *grid, cwd=tmp_path)
@@ -158,6 +161,8 @@ def test_killed_sweep_resumes_to_exactly_the_grid(tiny: list[str], tmp_path: Pat
     assert len(runs) == 6
     assert all(frame["status"].eq("ok").all() for frame in runs.values())
     assert len(list((tmp_path / "r").glob("[!.]*"))) == 6
+    if signum != signal.SIGKILL:  # only SIGKILL can leave a temporary file (never read)
+        assert not list((tmp_path / "r").rglob("*.tmp"))
 
 
 def test_two_sweeps_sharing_a_results_folder_lose_nothing(tiny: list[str], tmp_path: Path) -> None:
