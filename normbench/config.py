@@ -105,7 +105,6 @@ def validate(cfg: Config) -> None:
         ),
         (cfg.threads >= 1, f"threads must be >= 1; got {cfg.threads}"),
         (cfg.divergence_factor > 1, "divergence_factor must be > 1"),
-        (cfg.norm.num_groups >= 1, f"norm.num_groups must be >= 1; got {cfg.norm.num_groups}"),
         (cfg.optimizer.momentum >= 0, "optimizer.momentum must be >= 0"),
         (cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay must be >= 0"),
     ]
