@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from normbench import norms
-from normbench.errors import choices_error
+from normbench.errors import ConfigError, choices_error
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
 StepHook = Callable[[nn.Module, int], None]
@@ -31,11 +31,21 @@ class EpochStats:
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else the CPU."""
+    """``auto`` is CUDA when present, else the CPU; an unavailable device is a ConfigError."""
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda", "mps"):
-        raise choices_error("device", name, ["auto", "cpu", "cuda", "mps"])
+        return torch.device("cuda" if available["cuda"] else "cpu")
+    if name not in available:
+        raise choices_error("device", name, ["auto", *available])
+    if not available[name]:
+        usable = ["auto", *(d for d, ok in available.items() if ok)]
+        raise ConfigError(
+            f"device {name!r} is not available here; choose from: {', '.join(usable)}"
+        )
     return torch.device(name)
 
 

@@ -91,6 +91,7 @@ def test_runtime_failure_is_recorded_and_exits_1(tiny: list[str], results_dir: P
         (["model.activation=swish"], "choose from: relu"),
         (["dataset=cifar10"], "cifar-10-batches-py; set dataset.download=true"),
         (["model=convnet", "dataset.shape=[10]"], "need images"),
+        (["device=tpu"], "choose from: auto, cpu, cuda, mps"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(
@@ -148,3 +149,11 @@ def test_list_shows_every_group() -> None:
     assert result.exit_code == 0
     for choice in ("convnet", "lenet", "mlp", "batch_renorm", "instance", "digits", "cifar10"):
         assert choice in result.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is present here")
+def test_unavailable_device_is_a_clear_error(tiny: list[str], results_dir: Path) -> None:
+    result = invoke("run", *tiny, "device=cuda")
+    assert result.exit_code == 2
+    assert "device 'cuda' is not available here; choose from: auto, cpu" in result.stderr
+    assert not results_dir.exists()
