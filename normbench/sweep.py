@@ -131,7 +131,8 @@ def _job_settings(overrides: Sequence[str], jobs: int, force: bool) -> list[str]
 
 def check_cores(plan: list[Job], jobs: int) -> None:
     """Parallel jobs times torch threads per job must not exceed the cores."""
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
     threads = max((job.threads for job in plan), default=1)
     if jobs * threads > cores:
         raise ConfigError(

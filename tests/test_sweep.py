@@ -120,7 +120,7 @@ def test_parallel_jobs_give_the_sequential_metrics(tiny: list[str], tmp_path: Pa
 
 
 def test_too_many_parallel_jobs_for_the_cores(tiny: list[str]) -> None:
-    result = sweep("--jobs", str((os.cpu_count() or 1) + 1), "norm=batch,none", *tiny)
+    result = sweep("--jobs", str(len(os.sched_getaffinity(0)) + 1), "norm=batch,none", *tiny)
     assert result.exit_code == 2
     assert "exceeds the" in result.stderr
 
