@@ -32,25 +32,27 @@ register_configs()
 
 
 @contextmanager
-def hydra_context(config_dir: str | None = None) -> Iterator[None]:
-    """Hydra's compose context on the packaged configs, or on ``config_dir``."""
-    from hydra import initialize_config_dir, initialize_config_module
+def hydra_context() -> Iterator[None]:
+    """Hydra's compose context on the packaged configs."""
+    from hydra import initialize_config_module
 
-    init = (
-        initialize_config_dir(str(Path(config_dir).resolve()), version_base="1.3")
-        if config_dir
-        else initialize_config_module(CONFIG_MODULE, version_base="1.3")
-    )
-    with translate_errors(), init:
+    with translate_errors(), initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         yield
 
 
-def compose_job(overrides: Sequence[str]) -> tuple[DictConfig, dict[str, str]]:
-    """The resolved config and its group choices; call inside :func:`hydra_context`."""
+def compose_job(
+    overrides: Sequence[str], config_dir: str | None = None
+) -> tuple[DictConfig, dict[str, str]]:
+    """The resolved config and its group choices; call inside :func:`hydra_context`.
+
+    ``config_dir`` adds a folder of the user's configs to the search path, as Hydra's
+    ``--config-dir`` does.
+    """
     from hydra import compose
 
+    search = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
     with translate_errors():
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        cfg = compose("config", overrides=[*search, *overrides], return_hydra_config=True)
     choices = {group: str(cfg.hydra.runtime.choices[group]) for group in GROUPS}
     with open_dict(cfg):
         del cfg["hydra"]
@@ -61,8 +63,8 @@ def compose_config(
     overrides: Sequence[str] = (), config_dir: str | None = None
 ) -> tuple[DictConfig, dict[str, str]]:
     """The resolved config for ``overrides`` and its group choices, via the compose API."""
-    with hydra_context(config_dir):
-        return compose_job(overrides)
+    with hydra_context():
+        return compose_job(overrides, config_dir)
 
 
 def launch(args: Sequence[str], multirun: bool = False) -> None:

@@ -11,13 +11,14 @@ end-of-sweep callback when a job fails.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,11 @@ from normbench.app import compose_job, hydra_context, launch
 from normbench.config import validate
 from normbench.errors import ConfigError
 
-_CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
+# Hydra flags a sweep accepts, and whether each takes a value.
+_VALUE_FLAGS = {"--config-dir": "--config-dir", "-cd": "--config-dir", "--package": "--package",
+                "-p": "--package"}  # fmt: skip
+# Flags that make Hydra print something instead of running: handed to Hydra as they are.
+_PRINT_FLAGS = {"--cfg", "-c", "--info", "-i", "--resolve", "--hydra-help"}
 
 
 @dataclass
@@ -56,43 +61,74 @@ def split_args(args: Sequence[str]) -> tuple[list[str], list[str], str | None]:
     overrides, flags, config_dir = [], [], None
     items = iter(args)
     for arg in items:
-        if arg in _CONFIG_DIR_FLAGS:
-            config_dir = next(items, None)
-            flags += [arg, config_dir or ""]
-        elif arg.startswith("-"):
+        name, has_value, value = arg.partition("=")
+        if arg in _PRINT_FLAGS or name in _PRINT_FLAGS:
             flags.append(arg)
+        elif name in _VALUE_FLAGS:
+            value = value if has_value else next(items, "")
+            flags += [name, value]
+            if _VALUE_FLAGS[name] == "--config-dir":
+                config_dir = value
+        elif arg.startswith("-"):
+            raise ConfigError(
+                f"unknown option {arg!r} for normbench sweep; Hydra flags it accepts: "
+                "--config-dir DIR, --package PKG, --cfg job|hydra|all, --info, --resolve"
+            )
         else:
             overrides.append(arg)
     return overrides, flags, config_dir
 
 
 def plan_sweep(overrides: Sequence[str], config_dir: str | None = None) -> list[Job]:
-    """Expand the grid and compose every job's config: bad input fails here, before any run."""
+    """Expand the grid and check every job: bad input fails here, before any run.
+
+    Each job's config is composed and validated, and each distinct setup (everything but
+    ``lr`` and ``seed``) is built once: data loaded, model and optimizer made.
+    """
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    with hydra_context(config_dir):
+    with hydra_context():
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
         parsed = parser.parse_overrides(list(overrides))
         fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-        params = _sweeper_params(fixed)  # from experiment files: hydra.sweeper.params
+        params = _sweeper_params(fixed, config_dir)  # experiment files' hydra.sweeper.params
         swept = parser.parse_overrides([f"{k}={v}" for k, v in params.items()]) + parsed
-        jobs = []
+        jobs, setups = [], {}
         for job_overrides in BasicSweeper.split_arguments(swept, None)[0]:
-            cfg, choices = compose_job(job_overrides)
+            cfg, choices = compose_job(job_overrides, config_dir)
             validate(cfg)
+            setups.setdefault(_setup_key(cfg), cfg)
             run_id = results.run_id(cfg, choices)
             path = Path(cfg.results_dir) / run_id
             jobs.append(Job(job_overrides, run_id, path, results.is_complete(path), cfg.threads))
+    _check_setups(setups.values())
     return jobs
 
 
-def _sweeper_params(fixed: list[str]) -> dict[str, str]:
+def _sweeper_params(fixed: list[str], config_dir: str | None) -> dict[str, str]:
     from hydra import compose
 
-    cfg = compose("config", overrides=fixed, return_hydra_config=True)
+    search = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
+    cfg = compose("config", overrides=[*search, *fixed], return_hydra_config=True)
     return {str(k): str(v) for k, v in (cfg.hydra.sweeper.params or {}).items()}
+
+
+def _setup_key(cfg: DictConfig) -> str:
+    flat = results.flat_config(cfg)
+    return json.dumps(
+        {**{k: v for k, v in flat.items() if k not in ("lr", "seed")}, "device": cfg.device},
+        sort_keys=True,
+    )
+
+
+def _check_setups(cfgs: Iterable[DictConfig]) -> None:
+    """Load each distinct setup's data and build its model, as a job would: ConfigError."""
+    from normbench.experiment import prepare
+
+    for cfg in cfgs:
+        prepare(cfg)
 
 
 def run_sweep(
@@ -105,6 +141,14 @@ def run_sweep(
     """Plan, launch and summarize a sweep. Returns the number of failed jobs."""
     console = console or Console()
     overrides, flags, config_dir = split_args(args)
+    if any(flag.partition("=")[0] in _PRINT_FLAGS for flag in flags):
+        launch([*flags, *overrides])  # Hydra prints, nothing runs
+        return 0
+    if jobs > 1 and any(o.split("=", 1)[0] == "hydra/launcher" for o in overrides):
+        raise ConfigError(
+            "--jobs runs jobs on the local joblib launcher; with hydra/launcher=... set that "
+            "launcher's own parallelism instead"
+        )
     plan = plan_sweep(overrides, config_dir)
     if dry_run:
         print_plan(plan, console)
@@ -150,8 +194,10 @@ def run_job(cfg: DictConfig, choices: Mapping[str, str]) -> None:
 
     try:
         run_experiment(cfg, choices)
-    except Exception as error:
+    except ConfigError as error:  # raised before run_experiment wrote anything
         record_failure(cfg, choices, error, traceback.format_exc())
+    except Exception:  # noqa: S110 - run_experiment recorded it, with the epochs it finished
+        pass
 
 
 def job_status(job: Job, force: bool) -> str:

@@ -138,7 +138,6 @@ def test_config_dir_adds_user_configs(tiny: list[str], tmp_path: Path) -> None:
     user = tmp_path / "user_configs"
     (user / "model").mkdir(parents=True)
     (user / "model" / "tiny_mlp.yaml").write_text("name: mlp\nhidden: [8]\n")
-    # The user's folder must also hold the primary config: reuse ours by defaults.
     result = invoke("run", "--config-dir", str(user), "model=tiny_mlp", *tiny)
     assert result.exit_code == 0, result.stderr
     assert "tiny_mlp-batch-toy" in result.stdout

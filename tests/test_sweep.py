@@ -86,13 +86,37 @@ def test_failed_job_does_not_stop_the_others(tiny: list[str], results_dir: Path)
     assert "Traceback" in (failed / results.ERROR_FILE).read_text()
 
 
-def test_bad_override_fails_before_any_job(tiny: list[str], results_dir: Path) -> None:
-    result = sweep("norm=batch,batchh", *tiny)
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["norm=batch,batchh"], "unknown norm 'batchh'"),
+        (["lr=0.1,-1"], "lr must be > 0"),
+        (["norm=batch,group", "norm.num_groups=7"], "choose a divisor of 32"),
+        (["norm=batch,instance"], "needs CNN feature maps"),
+        (["norm=batch,none", "model.activation=swish"], "choose from: relu"),
+        (["dataset=mnist,digits", "dataset.root=nowhere"], "MNIST/raw"),
+        (["batch_size=8,5000"], "exceeds the"),
+        (["--dryrun", "norm=batch,none"], "unknown option '--dryrun'"),
+        (["-j", "2", "hydra/launcher=submitit_local", "norm=batch,none"], "joblib"),
+    ],
+)
+def test_bad_input_fails_before_any_job(
+    args: list[str], expected: str, tiny: list[str], results_dir: Path
+) -> None:
+    result = sweep(*args, *tiny)
     assert result.exit_code == 2
-    assert "unknown norm 'batchh'" in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert expected in result.stderr
     assert not results_dir.exists()
-    assert sweep("lr=0.1,-1", *tiny).exit_code == 2
-    assert not results_dir.exists()
+
+
+def test_config_dir_adds_user_configs_to_a_sweep(tiny: list[str], tmp_path: Path) -> None:
+    (tmp_path / "mine" / "model").mkdir(parents=True)
+    (tmp_path / "mine" / "model" / "tiny_mlp.yaml").write_text("name: mlp\nhidden: [8]\n")
+    for flags in (["--config-dir", str(tmp_path / "mine")], [f"--config-dir={tmp_path / 'mine'}"]):
+        result = sweep("--dry-run", *flags, "model=tiny_mlp", "norm=batch,none", *tiny)
+        assert result.exit_code == 0, result.stderr
+        assert "2 jobs" in result.stdout and "tiny_mlp-batch-toy" in result.stdout
 
 
 def _cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
