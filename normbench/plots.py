@@ -132,7 +132,7 @@ def learning_curves(
     panels = [
         (", ".join(filter(None, [f"{_name(by)} = {format_value(value)}", title])), group)
         for title, part in _split(finished, by)
-        for value, group in part.groupby(by)
+        for value, group in part.groupby(by, dropna=False)
     ]
     color = _palette()
     figure, axes = _panels(len(panels))
@@ -160,6 +160,7 @@ def learning_curves(
 
 def metric_against(path: Path, runs: pd.DataFrame, key: str, metric: str) -> Path:
     """The final metric against ``key`` (log axis), one line per norm; × k/n marks divergence."""
+    runs = runs[runs[key].notna()]  # null (dataset.limit: no limit) has no place on the axis
     panels = _split(runs, key)
     color = _palette()
     figure, axes = _panels(len(panels))

@@ -223,6 +223,8 @@ def higher_is_better(metric: str) -> bool:
 
 
 def format_value(value: object) -> str:
+    if value is None:
+        return "null"
     if isinstance(value, float):
         return "null" if np.isnan(value) else f"{value:g}"
     return str(value)
@@ -341,48 +343,68 @@ def stability(runs: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
     """Per configuration, the largest lr at which no seed diverged, and its ratio to baseline's.
 
     ``censored`` means no seed diverged even at the largest lr tried: the limit is higher.
+    The baseline's runs that differ only in its own settings (norm.eps for none) are one
+    experiment, as in :func:`paired`: a seed diverging in any of them counts.
     """
     configs = configs_of(runs, "lr")
-    cells = summarize(runs, "lr", "val_loss", configs)  # only its run counts are used
-    cells["stable"] = cells["diverged"].eq(0) & cells["runs"].gt(cells["failed"])
-    grouped = cells.groupby("config", observed=True)
-    table = grouped[["norm", *configs.context]].first()
-    table["lrs_tried"] = grouped["lr"].count()
-    table["max_stable_lr"] = (
-        cells["lr"].where(cells["stable"]).groupby(cells["config"], observed=True).max()
-    )
-    table["censored"] = table["max_stable_lr"].eq(grouped["lr"].max())
-    table = table.reset_index()
+    table = _stable_lrs(runs.assign(config=configs.labels), ["config", "norm", *configs.context])
     table["ratio"] = np.nan
     if baseline is not None and baseline in set(table["norm"]):
         match = shared_columns(configs.context)
-        base = table[table["norm"].eq(baseline)]
-        base = base.drop_duplicates(match) if match else base.head(1)
+        base = _stable_lrs(runs[runs["norm"].eq(baseline)], ["norm", *match])
         base = base[[*match, "max_stable_lr", "censored"]].rename(
             columns={"max_stable_lr": "baseline_lr", "censored": "baseline_censored"}
         )
-        table = table.merge(base, how="left", on=match) if match else table.merge(base, "cross")
+        if match:
+            table = table.merge(base, how="left", on=match, validate="many_to_one")
+        else:
+            table = table.merge(base, how="cross")
         table["ratio"] = table["max_stable_lr"] / table["baseline_lr"]
     return table
+
+
+def _stable_lrs(runs: pd.DataFrame, groups: list[str]) -> pd.DataFrame:
+    """Per group of runs: lrs_tried, max_stable_lr (no seed diverged there) and censored."""
+    frame = runs.assign(
+        _diverged=runs["status"].eq("diverged"), _failed=runs["status"].eq("failed")
+    )
+    cells = frame.groupby([*groups, "lr"], dropna=False, observed=True).agg(
+        runs=("lr", "size"), diverged=("_diverged", "sum"), failed=("_failed", "sum")
+    )
+    cells = cells.reset_index()
+    stable = cells["diverged"].eq(0) & cells["runs"].gt(cells["failed"])
+    table = (
+        cells.assign(stable_lr=cells["lr"].where(stable))
+        .groupby(groups, dropna=False, observed=True)
+        .agg(lrs_tried=("lr", "count"), max_stable_lr=("stable_lr", "max"), _top=("lr", "max"))
+        .reset_index()
+    )
+    return table.assign(censored=table["max_stable_lr"].eq(table["_top"])).drop(columns="_top")
 
 
 def paired(runs: pd.DataFrame, key: str, metric: str, baseline: str) -> pd.DataFrame:
     """Mean difference to ``baseline`` over seeds, paired by seed and every other setting.
 
-    Pairs where either run did not finish (diverged, failed, non-finite metric) are left out.
+    The baseline's runs that differ only in its own settings (``norm.*``: norm.eps for none)
+    are one experiment: their metric is averaged, so every run pairs with one baseline value.
+    Pairs where either side did not finish (diverged, failed, non-finite metric; on the
+    baseline's side, any of its runs) are left out.
     ``ci_low``/``ci_high``: 95% interval from the t distribution (needs at least 2 pairs).
     """
     from scipy.special import stdtrit  # t quantiles; scipy comes with scikit-learn
 
     configs = configs_of(runs, key)
     finished = runs["status"].eq("ok") & np.isfinite(runs[metric].astype(float))
-    frame = runs[finished].assign(config=configs.labels[finished])
+    frame = runs.assign(config=configs.labels, _value=runs[metric].astype(float).where(finished))
     on = list(dict.fromkeys([*shared_columns(configs.context), key, "seed"]))
-    base = frame.loc[frame["norm"].eq(baseline), [*on, metric]]
-    pairs = frame[frame["norm"].ne(baseline)].merge(base, on=on, suffixes=("", "_baseline"))
-    pairs["diff"] = pairs[metric] - pairs[f"{metric}_baseline"]
+    grouped = frame[frame["norm"].eq(baseline)].groupby(on, dropna=False)["_value"]
+    base = grouped.mean().where(grouped.count().eq(grouped.size())).rename("_baseline")
+    pairs = frame[frame["norm"].ne(baseline) & finished].merge(
+        base.dropna().reset_index(), on=on, validate="many_to_one"
+    )
+    pairs["diff"] = pairs["_value"] - pairs["_baseline"]
     table = (
-        pairs.groupby(["config", key], observed=True)
+        pairs.groupby(["config", key], dropna=False, observed=True)
         .agg(norm=("norm", "first"), mean=("diff", "mean"), std=("diff", "std"), n=("diff", "size"))
         .reset_index()
     )
@@ -452,8 +474,10 @@ def report(
 ) -> None:
     """Summarize every run under ``results_dir`` as tables (``fmt``) and, with ``plot_dir``, PNGs.
 
-    Prints to ``console`` or writes ``output``; warnings and notes go to stderr. Raises
-    ConfigError for an unknown metric, key, format, --where value or baseline.
+    Prints to ``console`` or writes ``output``; warnings and notes go to stderr. ``fmt="csv"``
+    holds only the main table (one row per configuration and value of ``by``); the other
+    formats hold every table. Raises ConfigError, before printing anything, for an unknown
+    metric, key, format, --where value or baseline, and for an unusable path.
     """
     from rich.console import Console
 
@@ -463,8 +487,15 @@ def report(
         raise choices_error("format", fmt, FORMATS)
     if metric is not None and metric not in METRICS:
         raise choices_error("metric", metric, METRICS)
+    if by == "norm":
+        raise ConfigError(
+            "--by norm: the norms are already the rows of every table; choose a column key "
+            "such as lr, batch_size, seed or a setting like norm.eps"
+        )
+    results_dir = Path(results_dir)
+    _check_paths(results_dir, output and Path(output), plot_dir and Path(plot_dir))
     console = console or Console()
-    rows, warnings = load_runs(Path(results_dir), last_row_only=plot_dir is None or diagnostics)
+    rows, warnings = load_runs(results_dir, last_row_only=plot_dir is None or diagnostics)
     _warn(warnings)
     if rows.empty:
         console.print(NO_RESULTS.format(dir=results_dir), markup=False, soft_wrap=True)
@@ -509,6 +540,20 @@ def report(
             curves = rows[rows["run_id"].isin(runs["run_id"])]
             written = plots.result_plots(Path(plot_dir), runs, curves, metric, by)
         print(f"wrote {len(written)} figures to {plot_dir}", file=sys.stderr)
+
+
+def _check_paths(results_dir: Path, output: Path | None, plot_dir: Path | None) -> None:
+    """Refuse paths that would fail only after the tables were printed."""
+    if results_dir.exists() and not results_dir.is_dir():
+        raise ConfigError(f"--results {results_dir} is a file; give the folder of the results")
+    if output is not None and output.is_dir():
+        raise ConfigError(f"--output {output} is a folder; give a file name")
+    if output is not None and not output.parent.is_dir():
+        raise ConfigError(f"--output {output}: {output.parent} is not an existing folder")
+    if plot_dir is not None:
+        existing = next(path for path in (plot_dir, *plot_dir.parents) if path.exists())
+        if not existing.is_dir():
+            raise ConfigError(f"--plot {plot_dir}: {existing} is a file, not a folder")
 
 
 def _warn(warnings: list[str]) -> None:

@@ -70,8 +70,9 @@ class Report:
                     _difference,
                     f"{self.metric} minus {self.baseline}, paired by seed",
                     f"Mean difference to the {self.baseline} run with the same {self.by}, seed and "
-                    f"other settings, [95% confidence interval, t distribution] (n pairs); pairs "
-                    f"where either run diverged or failed are left out. Marked: the "
+                    f"other settings (averaged over {self.baseline} runs differing only in norm.* "
+                    f"settings), [95% confidence interval, t distribution] (n pairs); pairs "
+                    f"where either side diverged or failed are left out. Marked: the "
                     f"interval excludes 0.",
                     marker="*",
                 )
@@ -156,13 +157,14 @@ def _difference(row: pd.Series) -> str:
 def _matrix(
     frame: pd.DataFrame, key: str, cell, title: str, caption: str, marker: str = "★"
 ) -> Table:
-    """Rows: configurations; columns: values of ``key``; ``frame['best']`` marks cells."""
-    values = sorted(frame[key].dropna().unique())
+    """Rows: configurations; columns: values of ``key`` (null last); ``frame['best']`` marks."""
+    values = sorted(frame[key].dropna().unique()) + [None] * bool(frame[key].isna().any())
     configs = list(dict.fromkeys(frame["config"]))
     rows = [[config] + [DASH] * len(values) for config in configs]
     marked = set()
     for _, row in frame.iterrows():
-        i, j = configs.index(row["config"]), values.index(row[key]) + 1
+        value = None if pd.isna(row[key]) else row[key]
+        i, j = configs.index(row["config"]), values.index(value) + 1
         rows[i][j] = cell(row)
         if row["best"]:
             marked.add((i, j))

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from matplotlib import colormaps
+from matplotlib.image import imread
 from rich.console import Console
 
 from normbench.config import Config
@@ -275,6 +277,29 @@ def test_other_varying_settings_split_rows_and_label_them(tmp_path: Path) -> Non
     )
 
 
+def test_baseline_runs_differing_only_in_norm_settings_count_once(tmp_path: Path) -> None:
+    # none ignores norm.eps, so its two eps runs per seed are one experiment: averaged, not
+    # paired twice (n=6 from 3 seeds); at lr=1.0 one of them diverged, so none did there.
+    for seed in range(3):
+        for lr in (0.1, 1.0):
+            for eps, shift in ((1e-5, 0.0), (1e-3, 0.1)):
+                write_run(tmp_path, "batch", lr, seed, 0.8 + 0.01 * seed, **{"norm.eps": eps})
+                status = "diverged" if (lr, eps, seed) == (1.0, 1e-3, 0) else "ok"
+                final = 0.5 + shift + 0.02 * seed
+                write_run(tmp_path, "none", lr, seed, final, status, **{"norm.eps": eps})
+    runs = final_runs(tmp_path)
+    pairs = cell(paired(runs, "lr", "val_acc", "none"), "batch (norm.eps=1e-05)", "lr", 0.1)
+    assert pairs["n"] == 3
+    assert pairs["mean"] == pytest.approx(0.8 - 0.55 + (0.01 - 0.02))
+    pairs = paired(runs, "lr", "val_acc", "none").set_index(["config", "lr"])["n"]
+    assert pairs[("batch (norm.eps=0.001)", 1.0)] == 2  # seed 0: one of none's runs diverged
+    table = stability(runs, "none").set_index("config")
+    assert table.loc["batch (norm.eps=1e-05)", "baseline_lr"] == 0.1
+    assert table.loc["batch (norm.eps=1e-05)", "ratio"] == pytest.approx(10)
+    assert not table["baseline_censored"].any()
+    assert "(n=3)" in run_report(tmp_path) and "(n=6)" not in run_report(tmp_path)
+
+
 @pytest.fixture
 def batch_grid(tmp_path: Path) -> Path:
     for norm, finals in {"batch": {2: 0.5, 32: 0.9}, "group": {2: 0.85, 32: 0.86}}.items():
@@ -298,6 +323,28 @@ def test_by_batch_size_with_where(batch_grid: Path) -> None:
 def test_by_seed_shows_each_seed(batch_grid: Path) -> None:
     out = run_report(batch_grid, where=["norm=group", "batch_size=2"], by="seed", fmt="csv")
     assert pd.read_csv(io.StringIO(out))["mean"].tolist() == pytest.approx([0.85, 0.86])
+
+
+def test_by_key_with_null_values_gets_a_null_column_last(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    for seed in range(2):
+        for limit, final in ((None, 0.9), (100, 0.7), (1000, 0.8)):
+            write_run(tmp_path, "batch", 0.1, seed, final, **{"dataset.limit": limit})
+            write_run(tmp_path, "none", 0.1, seed, 0.5 + 0.1 * seed, **{"dataset.limit": limit})
+    plots = tmp_path_factory.mktemp("plots")
+    out = run_report(tmp_path, by="dataset.limit", fmt="markdown", plot_dir=plots)
+    columns = "| norm | dataset.limit=100 | dataset.limit=1000 | dataset.limit=null |"
+    assert out.count(columns) == 2  # main table and paired differences
+    assert "| batch | 0.7 (n=2) | 0.8 (n=2) | **0.9 (n=2)** |" in out
+    assert "| batch | +0.15 [-0.485, +0.785] (n=2) | +0.25" in out
+    assert_pngs(plots, {"learning_curves.png", "val_acc_vs_dataset.limit.png"})
+    pixels = imread(plots / "val_acc_vs_dataset.limit.png")[..., :3]
+    batch_blue = abs(pixels - colormaps["tab10"](0)[:3]).sum(axis=-1) < 0.05
+    assert batch_blue.sum() > 500  # the lines are drawn (a null tick used to blank the axes)
+    only_null = tmp_path_factory.mktemp("plots")
+    run_report(tmp_path, by="dataset.limit", where=["dataset.limit=null"], plot_dir=only_null)
+    assert_pngs(only_null, {"learning_curves.png"})
 
 
 def test_markdown_is_pipe_tables(grid: Path) -> None:
@@ -354,11 +401,45 @@ def test_dataset_without_test_split_shows_dashes(tmp_path: Path) -> None:
         ({"by": "nope"}, "norm.momentum"),
         ({"fmt": "xml"}, "markdown"),
         ({"baseline": "nope"}, "batch, layer, none"),
+        ({"by": "norm"}, "already the rows"),
     ],
 )
 def test_bad_input_raises_config_error_naming_choices(grid: Path, kwargs: dict, named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         run_report(grid, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("option", "path", "named"),
+    [
+        ("output", "missing/report.md", "not an existing folder"),
+        ("output", "folder", "is a folder"),
+        ("plot_dir", "file.txt", "is a file"),
+        ("plot_dir", "file.txt/plots", "is a file"),
+        ("results_dir", "file.txt", "is a file"),
+    ],
+)
+def test_unusable_paths_raise_config_error_before_printing(
+    grid: Path, tmp_path: Path, option: str, path: str, named: str
+) -> None:
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    kwargs = {"results_dir": grid, option: tmp_path / path}
+    console = Console(file=io.StringIO())
+    with pytest.raises(ConfigError, match=named) as error:
+        report(console=console, **kwargs)
+    assert str(tmp_path / path.split("/")[0]) in str(error.value)
+    assert console.file.getvalue() == ""
+
+
+def test_cli_turns_report_errors_into_one_line_and_exit_2(grid: Path) -> None:
+    from typer.testing import CliRunner
+
+    from normbench.cli import app
+
+    result = CliRunner().invoke(app, ["report", "--results", str(grid), "--by", "norm"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].startswith("error: --by norm")
 
 
 def test_no_results_prints_how_to_make_some(tmp_path: Path) -> None:
