@@ -12,7 +12,6 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import hydra
@@ -22,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from normbench.config import Config, register_configs
+from normbench.config import register_configs, unknown_key_message
 from normbench.errors import ConfigError
 
 CONFIG_MODULE = "normbench.configs"
@@ -132,23 +131,9 @@ def _one_line(error: BaseException) -> str:
         key = getattr(cause, "full_key", None)
         detail = str(cause).strip().splitlines()[0]
         if "not in struct" in str(cause) or "Could not override" in message:
-            return _unknown_key_message(key or message.split("'")[1])
+            return unknown_key_message(key or message.split("'")[1])
         return f"{message}: {detail}"
     return message
-
-
-def _unknown_key_message(key: str) -> str:
-    node: object = Config
-    *parents, _ = key.split(".")
-    for part in parents:
-        match = [f for f in fields(node) if f.name == part] if is_dataclass(node) else []
-        if not match:
-            break
-        node = match[0].default_factory()
-    valid = sorted(f.name for f in fields(node)) if is_dataclass(node) else []
-    prefix = ".".join(parents)
-    where = f"{prefix}." if prefix else ""
-    return f"unknown config key {key!r}; valid keys: {', '.join(where + v for v in valid)}"
 
 
 @contextmanager

@@ -8,7 +8,8 @@ own them, whose errors list the valid choices.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
 
 from hydra.core.config_store import ConfigStore
 
@@ -94,7 +95,13 @@ class Config:
 
 
 def validate(cfg: Config) -> None:
-    """Range checks the typed schema cannot express. Raises ConfigError."""
+    """What the typed schema cannot express. Raises ConfigError.
+
+    Hydra's ``+key=value`` and ``~key`` add and remove keys even in a typed config, so the
+    keys are checked against the schema first; then every float must be finite, then ranges.
+    """
+    _check_keys(cfg, Config, "")
+    _check_finite(cfg, "")
     checks = [
         (cfg.lr > 0, f"lr must be > 0; got {cfg.lr}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1; got {cfg.batch_size}"),
@@ -107,10 +114,56 @@ def validate(cfg: Config) -> None:
         (cfg.divergence_factor > 1, "divergence_factor must be > 1"),
         (cfg.optimizer.momentum >= 0, "optimizer.momentum must be >= 0"),
         (cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay must be >= 0"),
+        (
+            0 < cfg.optimizer.plateau_factor < 1,
+            f"optimizer.plateau_factor must be in (0, 1); got {cfg.optimizer.plateau_factor}",
+        ),
+        (cfg.optimizer.plateau_patience >= 0, "optimizer.plateau_patience must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def unknown_key_message(key: str) -> str:
+    """``unknown config key 'model.foo'; valid keys: model.activation, ...``."""
+    *parents, _ = key.split(".")
+    node = _schema_at(parents)
+    if node is None:  # outside the schema (e.g. hydra.*): no list to offer
+        return f"unknown config key {key!r}"
+    where = "".join(f"{p}." for p in parents)
+    valid = ", ".join(where + f.name for f in fields(node))
+    return f"unknown config key {key!r}; valid keys: {valid}"
+
+
+def _schema_at(path: list[str]) -> type | None:
+    node: type = Config
+    for part in path:
+        match = [f for f in fields(node) if f.name == part and is_dataclass(f.default_factory)]
+        if not match:
+            return None
+        node = match[0].default_factory
+    return node
+
+
+def _check_keys(node, schema: type, prefix: str) -> None:
+    expected = {f.name: f for f in fields(schema)}
+    for key in node:
+        if key not in expected:
+            raise ConfigError(unknown_key_message(f"{prefix}{key}"))
+    for name, spec in expected.items():
+        if name not in node:
+            raise ConfigError(f"config key {prefix}{name!r} is required; it cannot be removed")
+        if is_dataclass(spec.default_factory):
+            _check_keys(node[name], spec.default_factory, f"{prefix}{name}.")
+
+
+def _check_finite(node, prefix: str) -> None:
+    for key, value in node.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{key} must be a finite number; got {value}")
+        if hasattr(value, "items"):
+            _check_finite(value, f"{prefix}{key}.")
 
 
 def register_configs() -> None:

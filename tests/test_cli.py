@@ -82,8 +82,14 @@ def test_runtime_failure_is_recorded_and_exits_1(tiny: list[str], results_dir: P
     [
         (["norm=batchh"], "choose from: batch,"),
         (["lr=abc"], "lr=abc"),
-        (["foo=1"], "valid keys: batch_size"),
-        (["model.foo=1"], "valid keys: model.activation"),
+        (["foo=1"], "unknown config key 'foo'; valid keys: model, norm"),
+        (["+foo=1"], "unknown config key 'foo'"),  # + adds keys even to a typed config
+        (["~lr"], "config key 'lr' is required"),
+        (["model.foo=1"], "valid keys: model.name"),
+        (["hydra.job.foo=1"], "unknown config key 'hydra.job.foo'"),
+        (["lr=inf"], "lr must be a finite number"),
+        (["norm.eps=nan"], "norm.eps must be a finite number"),
+        (["optimizer.plateau_factor=2"], "plateau_factor must be in (0, 1)"),
         (["batch_size=0"], "batch_size must be >= 1"),
         (["epochs=-1"], "epochs must be >= 1"),
         (["model=lenet", "norm=group", "norm.num_groups=7"], "divisor of 20"),
