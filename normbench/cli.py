@@ -101,7 +101,10 @@ def report(
     ] = None,
     by: Annotated[str, typer.Option(help="Column key of the main table.")] = "lr",
     fmt: Annotated[
-        str, typer.Option("--format", help="table, csv, markdown, latex or json.")
+        str,
+        typer.Option(
+            "--format", help="table, csv (main table only), markdown, latex or json (every table)."
+        ),
     ] = "table",
     output: Annotated[Path | None, typer.Option(help="Write the tables to FILE.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write PNG figures to DIR.")] = None,

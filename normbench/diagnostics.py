@@ -32,7 +32,6 @@ from normbench import norms, results
 
 Tensors = tuple[Tensor, Tensor]
 
-PERCENTILES = {"preact_p15": 0.15, "preact_p50": 0.50, "preact_p85": 0.85}
 # Percentiles of a larger pre-activation come from a fixed random subsample of this many values.
 QUANTILE_SAMPLE = 16_384
 
@@ -109,10 +108,12 @@ class Recorder:
             x = args[0].detach().flatten()
             if x.numel() > QUANTILE_SAMPLE:
                 x = x[_sample_index(x.numel(), x.device)]
-            levels = torch.tensor(list(PERCENTILES.values()), dtype=x.dtype, device=x.device)
+            levels = torch.tensor(
+                list(results.PERCENTILES.values()), dtype=x.dtype, device=x.device
+            )
             q = torch.quantile(x, levels)
             self._pending += [
-                (layer, name, value) for name, value in zip(PERCENTILES, q, strict=True)
+                (layer, name, value) for name, value in zip(results.PERCENTILES, q, strict=True)
             ]
 
     def _flush(self) -> None:

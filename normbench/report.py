@@ -27,6 +27,7 @@ from normbench.results import (
     KEY_COLUMNS,
     METRIC_COLUMNS,
     METRICS_FILE,
+    PERCENTILES,
     normalize_value,
 )
 
@@ -46,7 +47,6 @@ METRICS = (
 FORMATS = ("table", "csv", "markdown", "latex", "json")
 STATUSES = ("ok", "diverged", "failed")
 # diagnostics.csv: one tidy row per record (the recorder in normbench writes these columns).
-PERCENTILES = ("preact_p15", "preact_p50", "preact_p85")
 RUN_DIR = "_run_dir"  # the folder each row was read from (internal column)
 NO_RESULTS = "no results under {dir}; produce some with `normbench run` or `normbench sweep ...`"
 NO_DIAGNOSTICS = "no diagnostics under {dir}; record some with `normbench run diagnostics=true`"

@@ -58,6 +58,8 @@ METRIC_COLUMNS = [
     "error",
 ]
 DIAGNOSTIC_COLUMNS = ["run_id", "epoch", "step", "layer", "quantity", "value"]
+# The recorded percentiles of the last hidden layer's pre-activation (Ioffe & Szegedy Fig. 1).
+PERCENTILES = {"preact_p15": 0.15, "preact_p50": 0.50, "preact_p85": 0.85}
 DONE_STATUSES = ("ok", "diverged")
 
 # Keys that say how or where to run, not what to run: they do not change a run's identity.

@@ -15,10 +15,11 @@ from torch import nn
 from normbench import diagnostics, results
 from normbench.app import compose_config
 from normbench.datasets import load_dataset
-from normbench.diagnostics import PERCENTILES, Recorder, eval_gap
+from normbench.diagnostics import Recorder, eval_gap
 from normbench.experiment import run_experiment
 from normbench.models import build_model, init_paired
 from normbench.report import report
+from normbench.results import PERCENTILES
 from normbench.train import make_optimizer, shuffled_batches
 
 STEP_QUANTITIES = {"input_mean", "input_std", "grad_norm", *PERCENTILES}
