@@ -53,6 +53,7 @@ class DatasetConfig:
     limit: int | None = None  # keep at most this many training examples
     image_size: int | None = None  # resize images to image_size x image_size
     # toy data only
+    data_seed: int = 0  # the synthetic task (prototypes or teacher, and the data drawn from it)
     task: str = "classification"  # or "regression"
     shape: list[int] = field(default_factory=lambda: [1, 16, 16])
     num_classes: int = 10

@@ -67,7 +67,7 @@ class _Source:
     task: str = "classification"
 
 
-def _load_toy(cfg: Any, seed: int) -> _Source:
+def _load_toy(cfg: Any) -> _Source:
     shape = tuple(cfg.shape)
     if len(shape) not in (1, 3) or min(shape) < 1:
         raise ConfigError(
@@ -85,7 +85,7 @@ def _load_toy(cfg: Any, seed: int) -> _Source:
         )
     if cfg.noise < 0:
         raise ConfigError(f"dataset.noise must be at least 0, got {cfg.noise}")
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(cfg.data_seed)  # the task, fixed across run seeds
     n = cfg.train_size + cfg.test_size
     if cfg.task == "classification":
         x, y = _class_prototypes(shape, cfg.num_classes, n, cfg.noise, g)
@@ -120,7 +120,7 @@ def _random_teacher(shape: tuple[int, ...], n: int, noise: float, g: torch.Gener
     return x, y
 
 
-def _load_digits(cfg: Any, seed: int) -> _Source:
+def _load_digits(cfg: Any) -> _Source:
     from sklearn.datasets import load_digits  # importing scikit-learn takes ~1 s: only here
 
     digits = load_digits()
@@ -132,7 +132,7 @@ def _load_digits(cfg: Any, seed: int) -> _Source:
     return _Source((x[train], y[train]), (x[test], y[test]), num_outputs=10)
 
 
-def _load_torchvision(class_name: str, cfg: Any, seed: int) -> _Source:
+def _load_torchvision(class_name: str, cfg: Any) -> _Source:
     import torchvision.datasets  # slow import that only these datasets need
 
     cls = getattr(torchvision.datasets, class_name)
@@ -186,24 +186,15 @@ def _one_line(err: Exception, max_chars: int = 200) -> str:
     return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
 
 
-Loader = Callable[[Any, int], _Source]
+Loader = Callable[[Any], _Source]
 
-_DATASETS: dict[str, tuple[Loader, str]] = {
-    "toy": (
-        _load_toy,
-        "synthetic and learnable, deterministic per seed: class prototypes plus noise, or a "
-        "random teacher's regression (task, shape, num_classes, train_size, test_size, noise)",
-    ),
-    "digits": (
-        _load_digits,
-        "scikit-learn's 1797 real 8x8 handwritten digits, offline; fixed 20% test split",
-    ),
-    "mnist": (partial(_load_torchvision, "MNIST"), "torchvision MNIST from dataset.root"),
-    "fashion_mnist": (
-        partial(_load_torchvision, "FashionMNIST"),
-        "torchvision Fashion-MNIST from dataset.root",
-    ),
-    "cifar10": (partial(_load_torchvision, "CIFAR10"), "torchvision CIFAR-10 from dataset.root"),
+# What each dataset is: configs/dataset/<name>.yaml says (and `normbench list` shows).
+_DATASETS: dict[str, Loader] = {
+    "toy": _load_toy,
+    "digits": _load_digits,
+    "mnist": partial(_load_torchvision, "MNIST"),
+    "fashion_mnist": partial(_load_torchvision, "FashionMNIST"),
+    "cifar10": partial(_load_torchvision, "CIFAR10"),
 }
 
 
@@ -240,11 +231,6 @@ def dataset_names() -> list[str]:
     return list(_DATASETS)
 
 
-def describe_datasets() -> dict[str, str]:
-    """One line per dataset, for ``normbench list``."""
-    return {name: description for name, (_, description) in _DATASETS.items()}
-
-
 def load_dataset(cfg: Any, seed: int) -> DataSplits:
     """Load ``cfg.name`` (a DatasetConfig or DictConfig) as train/val/test CPU tensors."""
     if cfg.name not in _DATASETS:
@@ -257,8 +243,8 @@ def load_dataset(cfg: Any, seed: int) -> DataSplits:
         raise ConfigError(f"dataset.limit must be at least 2 (or null), got {cfg.limit}")
     if cfg.image_size is not None and cfg.image_size < 1:
         raise ConfigError(f"dataset.image_size must be positive (or null), got {cfg.image_size}")
-    loader, _ = _DATASETS[cfg.name]
-    source = loader(cfg, seed)
+    loader = _DATASETS[cfg.name]
+    source = loader(cfg)
     train, val = _hold_out(source.train, cfg.val_fraction, cfg.limit, seed)
     splits = [train, val] if source.test is None else [train, val, source.test]
     inputs = [_to_float(x) for x, _ in splits]

@@ -15,8 +15,6 @@ from torch import nn
 from normbench import norms
 from normbench.errors import ConfigError, choices_error
 
-NormLayer = Callable[[int], nn.Module] | None
-
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "sigmoid": nn.Sigmoid,
@@ -75,7 +73,11 @@ class Net(nn.Module):
 
 
 def _dense_blocks(
-    in_features: int, widths: Sequence[int], norm_layer: NormLayer, bias: bool, **block_kw
+    in_features: int,
+    widths: Sequence[int],
+    norm_layer: norms.NormLayer | None,
+    bias: bool,
+    **block_kw,
 ) -> tuple[list[Block], int]:
     blocks = []
     for width in widths:
@@ -91,7 +93,7 @@ def mlp(
     input_shape: Sequence[int],
     num_outputs: int,
     hidden: Sequence[int],
-    norm_layer: NormLayer,
+    norm_layer: norms.NormLayer | None,
     bias: bool = True,
     **block_kw,
 ) -> Net:
@@ -106,8 +108,8 @@ def _cnn(kernel: int, padding: int, normalize_first: bool) -> Callable[..., Net]
         num_outputs: int,
         channels: Sequence[int],
         hidden: Sequence[int],
-        norm_layer: NormLayer,
-        dense_norm_layer: NormLayer,
+        norm_layer: norms.NormLayer | None,
+        dense_norm_layer: norms.NormLayer | None,
         bias: bool = True,
         **block_kw,
     ) -> Net:
@@ -146,19 +148,10 @@ lenet = _cnn(kernel=5, padding=0, normalize_first=False)
 convnet = _cnn(kernel=3, padding=1, normalize_first=True)
 
 _MODELS: dict[str, Callable[..., Net]] = {"mlp": mlp, "lenet": lenet, "convnet": convnet}
-_MODEL_DESCRIPTIONS = {
-    "mlp": "document 002's MLP; hidden widths from model.hidden (doc 000: hidden=[5])",
-    "lenet": "document 001's MNIST CNN: conv 5x5 (10, 20) + pool, dense 50",
-    "convnet": "document 004's CIFAR CNN: conv 3x3 (16, 32) + norm + pool, fc",
-}
 
 
 def model_names() -> list[str]:
     return list(_MODELS)
-
-
-def describe_models() -> dict[str, str]:
-    return dict(_MODEL_DESCRIPTIONS)
 
 
 def build_model(model_cfg, norm_cfg, input_shape: Sequence[int], num_outputs: int) -> Net:
@@ -177,10 +170,12 @@ def build_model(model_cfg, norm_cfg, input_shape: Sequence[int], num_outputs: in
         activation=model_cfg.activation,
         norm_position=model_cfg.norm_position,
         dropout=model_cfg.dropout,
-        # A bias followed by a norm that subtracts the per-channel mean is redundant.
+        # A bias followed by a norm that subtracts the per-channel mean is redundant; not
+        # when the norm is frozen: then it subtracts fixed statistics and adds a fixed shift.
         bias=not (
             norms.norm_removes_bias(norm_cfg.name)
             and model_cfg.norm_position == "before_activation"
+            and not norm_cfg.freeze
         ),
     )
     if model_cfg.name == "mlp":

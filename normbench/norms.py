@@ -28,7 +28,6 @@ _NORMS = (_NormBase, nn.LayerNorm, nn.GroupNorm, BatchRenorm, ReferenceBatchNorm
 
 @dataclass(frozen=True)
 class _Spec:
-    description: str
     build: Callable[[Any, bool], NormLayer | None]  # (cfg, spatial) -> factory
     batch_stats: bool = False  # normalizes over the batch: batch-norm-like, can be frozen
     spatial_only: bool = False  # needs (N, C, H, W) maps
@@ -116,47 +115,20 @@ def _reference_batch(cfg, spatial: bool) -> NormLayer:
     )
 
 
+# What each norm is: configs/norm/<name>.yaml says (and `normbench list` shows).
 _REGISTRY: dict[str, _Spec] = {
-    "none": _Spec("no normalization (the baseline)", lambda cfg, spatial: None),
-    "batch": _Spec(
-        "BatchNorm1d/2d: per channel over the batch (and H, W); running statistics at eval",
-        _batch,
-        batch_stats=True,
-        removes_bias=True,
-    ),
-    "layer": _Spec(
-        "LayerNorm over features; GroupNorm(1, C) over C, H, W for CNNs (the GN paper's LN)",
-        _layer,
-    ),
-    "instance": _Spec(
-        "InstanceNorm2d: per sample and channel over H, W; CNNs only",
-        _instance,
-        spatial_only=True,
-        removes_bias=True,
-    ),
-    "group": _Spec("GroupNorm(num_groups, C): per sample over channel groups", _group),
-    "batch_renorm": _Spec(
-        "batch renormalization (Ioffe 2017): BN corrected by r, d towards its moving statistics",
-        _batch_renorm,
-        batch_stats=True,
-        removes_bias=True,
-    ),
-    "reference_batch": _Spec(
-        "the documents' from-scratch batch norm with a hand-written backward pass; "
-        "there to be read and compared with batch, and slower",
-        _reference_batch,
-        batch_stats=True,
-        removes_bias=True,
-    ),
+    "none": _Spec(lambda cfg, spatial: None),
+    "batch": _Spec(_batch, batch_stats=True, removes_bias=True),
+    "layer": _Spec(_layer),
+    "instance": _Spec(_instance, spatial_only=True, removes_bias=True),
+    "group": _Spec(_group),
+    "batch_renorm": _Spec(_batch_renorm, batch_stats=True, removes_bias=True),
+    "reference_batch": _Spec(_reference_batch, batch_stats=True, removes_bias=True),
 }
 
 
 def norm_names() -> list[str]:
     return list(_REGISTRY)
-
-
-def describe_norms() -> dict[str, str]:
-    return {name: spec.description for name, spec in _REGISTRY.items()}
 
 
 def _spec(name: str) -> _Spec:

@@ -12,8 +12,9 @@ from normbench import results
 from normbench.app import compose_config
 from normbench.catalog import group_choices
 from normbench.errors import ConfigError
-from normbench.experiment import run_experiment
+from normbench.experiment import prepare, run_experiment
 from normbench.models import build_model
+from normbench.train import train_one_epoch
 
 NORMS = sorted(group_choices("norm"))
 MODELS = ["mlp", "lenet", "convnet"]
@@ -87,23 +88,39 @@ def test_loss_decreases_over_epochs(tiny: list[str]) -> None:
     assert frame["train_loss"].iloc[-1] < frame["train_loss"].iloc[0]
 
 
-def test_frozen_batch_norm_keeps_its_statistics(tiny: list[str]) -> None:
-    cfg, choices = compose_config([*tiny, "norm=batch_frozen"])
-    result = run_experiment(cfg, choices)
-    assert result.status == "ok"
+def test_frozen_batch_norm_keeps_its_statistics_and_the_bias(tiny: list[str]) -> None:
+    cfg, _ = compose_config([*tiny, "norm=batch_frozen"])
+    setup = prepare(cfg)
+    bn = setup.model.blocks[0].norm
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    x, y = setup.data.train
+    stats = train_one_epoch(
+        setup.model, setup.optimizer, torch.nn.CrossEntropyLoss(), (x, y), 16,
+        torch.Generator().manual_seed(0), freeze_norms=True,
+    )  # fmt: skip
+    assert stats.steps > 0 and not bn.training
+    assert all(torch.equal(before[k], v) for k, v in bn.state_dict().items())
+    # A frozen norm adds no learned shift: the layer before it keeps its bias.
+    assert setup.model.blocks[0].layer.bias is not None
 
 
 def test_plateau_scheduler_and_weight_decay_options(tiny: list[str]) -> None:
-    result = run(
-        [
-            *tiny,
-            "epochs=3",
-            "optimizer=adam",
-            "lr=0.001",
-            "optimizer.weight_decay=0.01",
-            "optimizer.scheduler=plateau",
-            "optimizer.plateau_patience=0",
-            "model.dropout=0.2",
-        ]
-    )
-    assert result.status == "ok"
+    overrides = [
+        *tiny,
+        "epochs=4",
+        "lr=0.5",
+        "optimizer.weight_decay=0.01",
+        "optimizer.scheduler=plateau",
+        "optimizer.plateau_patience=0",
+        "optimizer.plateau_factor=0.1",
+        "model.dropout=0.2",
+    ]
+    cfg, _ = compose_config(overrides)
+    setup = prepare(cfg)
+    decay, no_decay = setup.optimizer.param_groups
+    norm_params = {id(p) for b in setup.model.blocks for p in b.norm.parameters()}
+    assert {id(p) for p in no_decay["params"]} == norm_params and no_decay["weight_decay"] == 0
+    assert decay["weight_decay"] == 0.01
+    frame = metrics(run(overrides))
+    # With patience 0 the lr drops by 10x after every epoch whose val loss did not improve.
+    assert set(frame["lr_now"].round(6)) <= {0.5, 0.05, 0.005, 0.0005}
