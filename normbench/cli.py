@@ -49,9 +49,15 @@ def run(overrides: Overrides = None) -> None:
     Example: normbench run model=convnet norm=batch lr=0.1
     """
     from normbench.app import launch
+    from normbench.errors import ConfigError
+
+    def run_one() -> None:
+        if {"-m", "--multirun"} & set(overrides or []):
+            raise ConfigError("normbench run runs one experiment; use normbench sweep for grids")
+        launch(overrides or [])
 
     try:
-        _guard(lambda: launch(overrides or []))
+        _guard(run_one)
     except (typer.Exit, KeyboardInterrupt):
         raise
     except Exception as error:  # recorded as status "failed", traceback in error.txt

@@ -107,6 +107,14 @@ def plan_sweep(overrides: Sequence[str], config_dir: str | None = None) -> list[
     return jobs
 
 
+def distinct_runs(plan: list[Job]) -> list[Job]:
+    """One job per run id (``lr=0.1,1e-1`` names one run twice)."""
+    first: dict[str, Job] = {}
+    for job in plan:
+        first.setdefault(job.run_id, job)
+    return list(first.values())
+
+
 def _sweeper_params(fixed: list[str], config_dir: str | None) -> dict[str, str]:
     from hydra import compose
 
@@ -150,6 +158,9 @@ def run_sweep(
             "launcher's own parallelism instead"
         )
     plan = plan_sweep(overrides, config_dir)
+    if len(distinct := distinct_runs(plan)) < len(plan):
+        console.print(f"{len(plan)} grid cells name {len(distinct)} distinct runs; each runs once.")
+        plan = distinct
     if dry_run:
         print_plan(plan, console)
         return 0

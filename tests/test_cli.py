@@ -98,6 +98,7 @@ def test_runtime_failure_is_recorded_and_exits_1(tiny: list[str], results_dir: P
         (["dataset=cifar10"], "cifar-10-batches-py; set dataset.download=true"),
         (["model=convnet", "dataset.shape=[10]"], "need images"),
         (["device=tpu"], "choose from: auto, cpu, cuda, mps"),
+        (["-m", "norm=batch,none"], "use normbench sweep for grids"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(

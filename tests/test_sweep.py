@@ -59,6 +59,12 @@ def test_hydra_sweep_syntax(overrides: list[str], count: int, tiny: list[str]) -
     assert not any("0000000" in job.run_id for job in plan)
 
 
+def test_cells_naming_the_same_run_count_once(tiny: list[str]) -> None:
+    result = sweep("--dry-run", "lr=0.1,0.10,1e-1", "seed=0,1", *tiny)
+    assert result.exit_code == 0
+    assert "6 grid cells name 2 distinct runs" in result.stdout and "2 jobs" in result.stdout
+
+
 def test_grid_runs_once_then_skips(tiny: list[str], results_dir: Path) -> None:
     grid = ["norm=batch,none", "lr=0.01,0.1", *tiny]
     result = sweep(*grid)
