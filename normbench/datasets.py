@@ -19,8 +19,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import Tensor
 
+from normbench.config import DatasetConfig
 from normbench.errors import ConfigError, choices_error
 
 Split = tuple[Tensor, Tensor]
@@ -231,7 +233,7 @@ def dataset_names() -> list[str]:
     return list(_DATASETS)
 
 
-def load_dataset(cfg: Any, seed: int) -> DataSplits:
+def load_dataset(cfg: DatasetConfig | DictConfig, seed: int) -> DataSplits:
     """Load ``cfg.name`` (a DatasetConfig or DictConfig) as train/val/test CPU tensors."""
     if cfg.name not in _DATASETS:
         raise choices_error("dataset", cfg.name, dataset_names())

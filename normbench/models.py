@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from normbench import norms
+from normbench.config import ModelConfig, NormConfig
 from normbench.errors import ConfigError, choices_error
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -154,7 +156,12 @@ def model_names() -> list[str]:
     return list(_MODELS)
 
 
-def build_model(model_cfg, norm_cfg, input_shape: Sequence[int], num_outputs: int) -> Net:
+def build_model(
+    model_cfg: ModelConfig | DictConfig,
+    norm_cfg: NormConfig | DictConfig,
+    input_shape: Sequence[int],
+    num_outputs: int,
+) -> Net:
     """Build ``model_cfg.name`` with the norm of ``norm_cfg`` for the dataset's shapes."""
     if model_cfg.name not in _MODELS:
         raise choices_error("model", model_cfg.name, model_names())

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from omegaconf import DictConfig
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from normbench.batch_renorm import BatchRenorm
+from normbench.config import NormConfig
 from normbench.errors import ConfigError, choices_error
 from normbench.reference_batchnorm import ReferenceBatchNorm
 
@@ -166,7 +168,7 @@ def _check(cfg) -> None:
         )
 
 
-def get_norm_layer(cfg, spatial: bool) -> NormLayer | None:
+def get_norm_layer(cfg: NormConfig | DictConfig, spatial: bool) -> NormLayer | None:
     """The factory ``channels -> module`` for ``cfg.name``, or None for "none".
 
     ``cfg`` is a NormConfig or a DictConfig with its attributes; ``spatial`` says whether the

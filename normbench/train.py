@@ -12,9 +12,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from normbench import norms
+from normbench.config import OptimizerConfig
 from normbench.errors import ConfigError, choices_error
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
@@ -49,7 +51,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module, cfg: OptimizerConfig | DictConfig, lr: float
+) -> torch.optim.Optimizer:
     """SGD or Adam; norm parameters get no weight decay unless ``cfg.norm_weight_decay``."""
     if cfg.weight_decay and not cfg.norm_weight_decay:
         skip = norms.norm_parameters(model)
@@ -73,7 +77,9 @@ def make_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
     raise choices_error("optimizer", cfg.name, ["sgd", "adam"])
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg):
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimizerConfig | DictConfig
+) -> torch.optim.lr_scheduler.ReduceLROnPlateau | None:
     """ReduceLROnPlateau on the validation loss (document 004), or None."""
     if cfg.scheduler is None:
         return None
