@@ -43,6 +43,22 @@ class NormConfig:
     dmax_ramp_steps: int = 2000
 
 
+_BATCH = ("eps", "momentum", "affine", "track_running_stats", "freeze")
+_RENORM = ("rmax", "dmax", "warmup_steps", "rmax_ramp_steps", "dmax_ramp_steps")
+# The NormConfig fields each norm reads (tests/test_norms.py checks that the others change
+# nothing). The rest are left out of a run's identity and results row, so that, say, `none`
+# runs differing only in norm.eps are one run.
+NORM_SETTINGS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "batch": _BATCH,
+    "reference_batch": _BATCH,
+    "batch_renorm": (*_BATCH, *_RENORM),
+    "layer": ("eps", "affine"),
+    "group": ("eps", "affine", "num_groups"),
+    "instance": ("eps", "momentum", "affine", "track_running_stats"),
+}
+
+
 @dataclass
 class DatasetConfig:
     name: str = "toy"

@@ -24,6 +24,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from normbench.config import NORM_SETTINGS
+
 METRICS_FILE = "metrics.csv"
 CONFIG_FILE = "config.yaml"
 DIAGNOSTICS_FILE = "diagnostics.csv"
@@ -86,10 +88,14 @@ def normalize_value(value: Any) -> Any:
 def flat_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """The run's hyperparameters as ``{"lr": 0.1, "norm.eps": 1e-05, ...}`` (identity keys only)."""
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    norm_name = container.get("norm", {}).get("name")
+    used = {f"norm.{key}" for key in NORM_SETTINGS.get(norm_name, container.get("norm", {}))}
     return {
         key: value
         for key, value in _flatten(container, "").items()
-        if key.split(".")[0] not in _NON_IDENTITY_KEYS and not key.startswith("hydra.")
+        if key.split(".")[0] not in _NON_IDENTITY_KEYS
+        and not key.startswith("hydra.")
+        and (not key.startswith("norm.") or key == "norm.name" or key in used)
     }
 
 

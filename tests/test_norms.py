@@ -1,5 +1,6 @@
 """Every norm against its formula written out here, plus PyTorch's batch-norm semantics."""
 
+from dataclasses import fields
 from importlib.resources import files
 
 import pytest
@@ -9,7 +10,7 @@ from torch import nn
 from torch.autograd import gradcheck
 
 from normbench import norms
-from normbench.config import NormConfig
+from normbench.config import NORM_SETTINGS, NormConfig
 from normbench.errors import ConfigError
 from normbench.reference_batchnorm import BatchNormFunction
 
@@ -316,3 +317,43 @@ def test_norm_config_files_compose_and_build(path):
     cfg = OmegaConf.merge(OmegaConf.structured(NormConfig), OmegaConf.load(path))
     factory = norms.get_norm_layer(cfg, spatial=True)
     assert factory is None if cfg.name == "none" else isinstance(factory(C), nn.Module)
+
+
+_ALTERNATIVES = {
+    "eps": 1e-3,
+    "momentum": 0.3,
+    "affine": False,
+    "track_running_stats": False,
+    "num_groups": 4,
+    "freeze": True,
+    "rmax": 2.0,
+    "dmax": 1.0,
+    "warmup_steps": 0,
+    "rmax_ramp_steps": 1,
+    "dmax_ramp_steps": 1,
+}
+
+
+@pytest.mark.parametrize("name", sorted(NORM_SETTINGS))
+def test_settings_a_norm_does_not_read_change_nothing(name: str) -> None:
+    """NORM_SETTINGS leaves the other fields out of a run's identity: they must not matter."""
+    assert set(_ALTERNATIVES) == {f.name for f in fields(NormConfig)} - {"name"}
+    x = torch.randn(8, 8, 4, 4)
+    for field_name, value in _ALTERNATIVES.items():
+        if field_name in NORM_SETTINGS[name]:
+            continue
+        for spatial in (True, False):
+            outputs = []
+            for cfg in (norm_cfg(name), norm_cfg(name, **{field_name: value})):
+                try:
+                    factory = norms.get_norm_layer(cfg, spatial)
+                except ConfigError:
+                    outputs.append("error")  # refused outright: it cannot change a run silently
+                    continue
+                torch.manual_seed(0)
+                layer = factory(8) if factory else torch.nn.Identity()
+                outputs.append((repr(layer), layer(x if spatial else x[:, :, 0, 0])))
+            if "error" in outputs:
+                continue
+            (repr_a, out_a), (repr_b, out_b) = outputs
+            assert repr_a == repr_b and torch.equal(out_a, out_b), (field_name, spatial)
