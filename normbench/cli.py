@@ -60,7 +60,7 @@ def run(overrides: Overrides = None) -> None:
         _guard(run_one)
     except (typer.Exit, KeyboardInterrupt):
         raise
-    except Exception as error:  # recorded as status "failed", traceback in error.txt
+    except Exception as error:  # run_experiment recorded it: status "failed", error.txt
         typer.echo(f"run failed: {type(error).__name__}: {error}", err=True)
         raise typer.Exit(1) from None
 

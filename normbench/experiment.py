@@ -69,7 +69,13 @@ def run_experiment(
         return RunResult(run_id, "skipped", run_path)
 
     torch.set_num_threads(cfg.threads)  # per job: joblib's workers are reused across jobs
-    setup = prepare(cfg)
+    try:
+        setup = prepare(cfg)
+    except ConfigError:
+        raise  # bad input: nothing is written
+    except Exception as error:
+        record_failure(cfg, choices, error, traceback.format_exc())
+        raise
     base_row = {
         "run_id": run_id,
         **choices,
