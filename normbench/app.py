@@ -49,13 +49,19 @@ def compose_job(
     """
     from hydra import compose
 
-    search = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
     with translate_errors():
-        cfg = compose("config", overrides=[*search, *overrides], return_hydra_config=True)
+        cfg = compose(
+            "config", overrides=[*search_path(config_dir), *overrides], return_hydra_config=True
+        )
     choices = {group: str(cfg.hydra.runtime.choices[group]) for group in GROUPS}
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg, choices
+
+
+def search_path(config_dir: str | None) -> list[str]:
+    """The override that adds ``config_dir`` to Hydra's search path (none without one)."""
+    return [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
 
 
 def compose_config(

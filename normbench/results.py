@@ -88,8 +88,9 @@ def normalize_value(value: Any) -> Any:
 def flat_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """The run's hyperparameters as ``{"lr": 0.1, "norm.eps": 1e-05, ...}`` (identity keys only)."""
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    norm_name = container.get("norm", {}).get("name")
-    used = {f"norm.{key}" for key in NORM_SETTINGS.get(norm_name, container.get("norm", {}))}
+    norm = container.get("norm", {})
+    # A norm outside the registry (from a user's config folder) keeps every setting.
+    used = {f"norm.{key}" for key in NORM_SETTINGS.get(norm.get("name"), tuple(norm))}
     return {
         key: value
         for key, value in _flatten(container, "").items()

@@ -36,7 +36,7 @@ from rich.progress import (
 from rich.table import Table
 
 from normbench import results
-from normbench.app import compose_job, hydra_context, launch
+from normbench.app import compose_job, hydra_context, launch, search_path
 from normbench.config import validate
 from normbench.errors import ConfigError
 
@@ -118,8 +118,8 @@ def distinct_runs(plan: list[Job]) -> list[Job]:
 def _sweeper_params(fixed: list[str], config_dir: str | None) -> dict[str, str]:
     from hydra import compose
 
-    search = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
-    cfg = compose("config", overrides=[*search, *fixed], return_hydra_config=True)
+    overrides = [*search_path(config_dir), *fixed]
+    cfg = compose("config", overrides=overrides, return_hydra_config=True)
     return {str(k): str(v) for k, v in (cfg.hydra.sweeper.params or {}).items()}
 
 
