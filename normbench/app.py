@@ -2,8 +2,8 @@
 
 ``normbench run`` and ``normbench sweep`` call :func:`launch`, which runs the
 ``hydra.main``-wrapped task with ``sys.argv`` rewritten, so every Hydra feature works
-(``--multirun``, sweep syntax, ``--cfg job``, ``--config-dir``, launcher plugins).
-Tests and sweep planning use :func:`compose_config`, the compose API on the same configs.
+(``--multirun``, sweep syntax, ``--cfg job``, ``--config-dir``, sweeper and launcher plugins).
+Tests and sweep planning use :func:`compose_job`, the compose API on the same configs.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
@@ -25,51 +27,142 @@ from normbench.config import register_configs, unknown_key_message
 from normbench.errors import ConfigError
 
 CONFIG_MODULE = "normbench.configs"
-GROUPS = ("model", "norm", "dataset", "optimizer")
+GROUPS = ("model", "norm", "dataset", "optimizer", "experiment")
+MAX_OVERRIDE_CHARS = 1000
 
 register_configs()
 
+# Hydra's command-line flags (hydra/_internal/utils.py), by every spelling: the canonical name
+# and whether it takes a value ("?" for an optional one).
+_FLAGS = {
+    "--config-dir": ("--config-dir", True), "-cd": ("--config-dir", True),
+    "--config-path": ("--config-path", True), "-cp": ("--config-path", True),
+    "--config-name": ("--config-name", True), "-cn": ("--config-name", True),
+    "--cfg": ("--cfg", True), "-c": ("--cfg", True),
+    "--package": ("--package", True), "-p": ("--package", True),
+    "--info": ("--info", "?"), "-i": ("--info", "?"),
+    "--shell-completion": ("--shell-completion", False), "-sc": ("--shell-completion", False),
+    "--experimental-rerun": ("--experimental-rerun", True),
+    "--resolve": ("--resolve", False), "--hydra-help": ("--hydra-help", False),
+    "--version": ("--version", False),
+    "--multirun": ("--multirun", False), "-m": ("--multirun", False),
+    "--run": ("--run", False), "-r": ("--run", False),
+}  # fmt: skip
+_INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+# Flags after which Hydra prints or reruns something instead of running the app's jobs.
+_ACTION_FLAGS = {
+    "--cfg", "--info", "--resolve", "--hydra-help", "--version", "--shell-completion",
+    "--experimental-rerun",
+}  # fmt: skip
+
+
+@dataclass
+class HydraArgs:
+    """A command line split into Hydra overrides and Hydra flags."""
+
+    overrides: list[str] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)  # as typed, for handing back to Hydra
+    options: dict[str, str | None] = field(default_factory=dict)  # canonical name -> value
+
+    @property
+    def acts(self) -> bool:
+        """Whether Hydra will print (or rerun) something instead of running jobs."""
+        return bool(_ACTION_FLAGS & set(self.options))
+
+
+def parse_args(args: Sequence[str]) -> HydraArgs:
+    """Split ``args`` as Hydra's own argument parser would; unknown flags are ConfigErrors."""
+    parsed = HydraArgs()
+    items = list(args)
+    index = 0
+    while index < len(items):
+        arg = items[index]
+        name, has_value, value = arg.partition("=")
+        if name in _FLAGS and (arg.startswith("-")):
+            canonical, takes = _FLAGS[name]
+            if takes is True and not has_value:
+                index += 1
+                if index >= len(items):
+                    raise ConfigError(f"option {name} needs a value")
+                value = items[index]
+                parsed.flags += [name, value]
+            elif takes == "?" and not has_value and items[index + 1 : index + 2] and (
+                items[index + 1] in _INFO_TOPICS
+            ):
+                index += 1
+                value = items[index]
+                parsed.flags += [name, value]
+            else:
+                parsed.flags.append(arg)
+            parsed.options[canonical] = value if (has_value or takes) else None
+        elif arg.startswith("-"):
+            known = sorted({canonical for canonical, _ in _FLAGS.values()})
+            raise ConfigError(f"unknown option {arg!r}; Hydra's flags are: {', '.join(known)}")
+        else:
+            _check_override_text(arg)
+            parsed.overrides.append(arg)
+        index += 1
+    return parsed
+
+
+def _check_override_text(arg: str) -> None:
+    if len(arg) > MAX_OVERRIDE_CHARS:
+        raise ConfigError(
+            f"override {arg[:40]!r}... is {len(arg)} characters; the limit is {MAX_OVERRIDE_CHARS}"
+        )
+    if not arg.isascii():
+        bad = next(ch for ch in arg if not ch.isascii())
+        raise ConfigError(f"override {arg!r} holds the non-ASCII character {bad!r}; use ASCII")
+
 
 @contextmanager
-def hydra_context() -> Iterator[None]:
-    """Hydra's compose context on the packaged configs."""
-    from hydra import initialize_config_module
+def hydra_context(args: HydraArgs | None = None) -> Iterator[None]:
+    """Hydra's compose context on the packaged configs (or ``--config-path``)."""
+    from hydra import initialize_config_dir, initialize_config_module
 
-    with translate_errors(), initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        yield
+    config_path = (args.options.get("--config-path") if args else None) or None
+    with translate_errors():
+        if config_path:
+            init = initialize_config_dir(str(Path(config_path).resolve()), version_base="1.3")
+        else:
+            init = initialize_config_module(CONFIG_MODULE, version_base="1.3")
+        with init:
+            yield
 
 
 def compose_job(
-    overrides: Sequence[str], config_dir: str | None = None
+    overrides: Sequence[str], args: HydraArgs | None = None, keep_hydra: bool = False
 ) -> tuple[DictConfig, dict[str, str]]:
     """The resolved config and its group choices; call inside :func:`hydra_context`.
 
-    ``config_dir`` adds a folder of the user's configs to the search path, as Hydra's
-    ``--config-dir`` does.
+    ``args`` carries ``--config-dir`` (added to the search path, as Hydra does) and
+    ``--config-name``; ``keep_hydra`` keeps the ``hydra`` node.
     """
     from hydra import compose
 
+    options = args.options if args else {}
+    config_dir = options.get("--config-dir")
+    search = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
     with translate_errors():
         cfg = compose(
-            "config", overrides=[*search_path(config_dir), *overrides], return_hydra_config=True
+            options.get("--config-name") or "config",
+            overrides=[*search, *overrides],
+            return_hydra_config=True,
         )
-    choices = {group: str(cfg.hydra.runtime.choices[group]) for group in GROUPS}
-    with open_dict(cfg):
-        del cfg["hydra"]
+    choices = {group: str(cfg.hydra.runtime.choices[group]) for group in GROUPS[:-1]}
+    if not keep_hydra:
+        with open_dict(cfg):
+            del cfg["hydra"]
     return cfg, choices
-
-
-def search_path(config_dir: str | None) -> list[str]:
-    """The override that adds ``config_dir`` to Hydra's search path (none without one)."""
-    return [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
 
 
 def compose_config(
     overrides: Sequence[str] = (), config_dir: str | None = None
 ) -> tuple[DictConfig, dict[str, str]]:
     """The resolved config for ``overrides`` and its group choices, via the compose API."""
-    with hydra_context():
-        return compose_job(overrides, config_dir)
+    args = HydraArgs(options={"--config-dir": config_dir} if config_dir else {})
+    with hydra_context(args):
+        return compose_job(overrides, args)
 
 
 def launch(args: Sequence[str], multirun: bool = False) -> None:
@@ -87,26 +180,26 @@ _task_errors: list[Exception] = []
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     from normbench.experiment import run_experiment
+    from normbench.jobs import run_job
     from normbench.summary import print_run
 
     hydra_cfg = HydraConfig.get()
-    choices = {group: str(hydra_cfg.runtime.choices[group]) for group in GROUPS}
+    choices = {group: str(hydra_cfg.runtime.choices[group]) for group in GROUPS[:-1]}
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        from normbench.sweep import run_job
-
-        run_job(cfg, choices)
-    else:
-        try:
-            print_run(run_experiment(cfg, choices))
-        except Exception as error:
-            _task_errors.append(error)
+        overrides = list(hydra_cfg.overrides.task)
+        return run_job(cfg, choices, overrides, Path(hydra_cfg.runtime.output_dir))
+    try:
+        print_run(run_experiment(cfg, choices))
+    except Exception as error:
+        _task_errors.append(error)
+    return None
 
 
 @contextmanager
 def translate_errors() -> Iterator[None]:
-    """Re-raise Hydra's and OmegaConf's errors about user input as one-line ConfigErrors."""
+    """Re-raise Hydra's, OmegaConf's and PyYAML's errors about user input as one line."""
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us instead of Hydra's printer
     try:
@@ -115,6 +208,8 @@ def translate_errors() -> Iterator[None]:
         raise ConfigError(_missing_config_message(error)) from None
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError(_one_line(error)) from None
+    except yaml.YAMLError as error:
+        raise ConfigError(_yaml_message(error)) from None
     finally:
         if previous is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
@@ -130,14 +225,26 @@ def _missing_config_message(error: MissingConfigException) -> str:
     return _one_line(error)
 
 
+def _yaml_message(error: yaml.YAMLError) -> str:
+    """``invalid YAML in <file> line 3: expected ',' or ']'`` from PyYAML's long report."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).strip().splitlines()[0]
+    if mark is None:
+        return f"invalid YAML: {problem}"
+    return f"invalid YAML in {mark.name} line {mark.line + 1}: {problem}"
+
+
 def _one_line(error: BaseException) -> str:
     message = str(error).strip().splitlines()[0]
     cause = error.__cause__
     if isinstance(cause, OmegaConfBaseException):
         key = getattr(cause, "full_key", None)
         detail = str(cause).strip().splitlines()[0]
-        if "not in struct" in str(cause) or "Could not override" in message:
-            return unknown_key_message(key or message.split("'")[1])
+        if "not in struct" in str(cause) or "Could not override" in message or (
+            "not in '" in detail
+        ):
+            schema = getattr(cause, "object_type", None)
+            return unknown_key_message(key or message.split("'")[1], schema)
         return f"{message}: {detail}"
     return message
 

@@ -38,15 +38,17 @@ class BatchRenorm(nn.Module):
     def __init__(
         self,
         num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.01,
-        affine: bool = True,
-        rmax: float = 3.0,
-        dmax: float = 5.0,
-        warmup_steps: int = 5000,
-        rmax_ramp_steps: int = 35000,
-        dmax_ramp_steps: int = 20000,
+        *,
+        eps: float,
+        momentum: float | None,
+        affine: bool,
+        rmax: float,
+        dmax: float,
+        warmup_steps: int,
+        rmax_ramp_steps: int,
+        dmax_ramp_steps: int,
     ) -> None:
+        """Every setting is required: its defaults live in configs/norm/batch_renorm.yaml."""
         super().__init__()
         self.num_features = num_features
         self.eps = eps

@@ -48,11 +48,11 @@ def run(overrides: Overrides = None) -> None:
 
     Example: normbench run model=convnet norm=batch lr=0.1
     """
-    from normbench.app import launch
+    from normbench.app import launch, parse_args
     from normbench.errors import ConfigError
 
     def run_one() -> None:
-        if {"-m", "--multirun"} & set(overrides or []):
+        if "--multirun" in parse_args(overrides or []).options:
             raise ConfigError("normbench run runs one experiment; use normbench sweep for grids")
         launch(overrides or [])
 

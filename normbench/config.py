@@ -1,123 +1,92 @@
-"""The typed schema of a normbench experiment.
+"""The typed schema of a normbench experiment, and the checks it cannot express.
 
-Hydra merges the YAML files under ``configs/`` into these dataclasses, so a mistyped key
-(``foo=1``) or a value of the wrong type (``lr=abc``) is an error instead of a silent string.
-Names (models, norms, datasets) are plain strings here and are checked by the registries that
-own them, whose errors list the valid choices.
+The top-level :class:`Config` holds the run's scalars; each config group (model, norm,
+dataset, optimizer) holds one option whose schema is that option's own dataclass, declared
+next to the code that builds it (``norms.py``, ``models.py``, ``datasets.py``, ``train.py``)
+and stored here in Hydra's ConfigStore as ``schema/<group>/<name>``. The YAML files under
+``configs/`` extend those schemas and hold every default. So ``norm=batch norm.num_groups=4``
+is an error naming the settings batch norm reads, and ``lr=abc`` is not a silent string.
+
+A field with ``metadata={"identity": False}`` says where files are or how a run executes
+(results_dir, dataset.root, device, threads...): it is recorded in config.yaml but is not part
+of the run's identity (see results.run_id).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from normbench.errors import ConfigError
+from normbench.datasets import dataset_schemas
+from normbench.errors import ConfigError, choices_error
+from normbench.models import model_schemas
+from normbench.norms import check_norm, get_norm_spec, norm_names
+from normbench.train import check_optimizer, optimizer_schemas
 
-
-@dataclass
-class ModelConfig:
-    name: str = "mlp"
-    hidden: list[int] = field(default_factory=lambda: [256, 128])  # widths of hidden Linear layers
-    channels: list[int] = field(default_factory=list)  # widths of Conv layers (CNNs)
-    activation: str = "relu"
-    norm_position: str = "before_activation"  # or "after_activation"
-    dropout: float = 0.0
-
-
-@dataclass
-class NormConfig:
-    name: str = "batch"
-    eps: float = 1e-5
-    momentum: float | None = 0.1  # None: cumulative moving average
-    affine: bool = True
-    track_running_stats: bool = True
-    num_groups: int = 2
-    freeze: bool = False  # batch-norm layers kept in eval mode with fixed parameters
-    # batch renormalization (Ioffe 2017): plain BN for warmup_steps, then rmax/dmax ramp up
-    rmax: float = 3.0
-    dmax: float = 5.0
-    warmup_steps: int = 500
-    rmax_ramp_steps: int = 3500
-    dmax_ramp_steps: int = 2000
-
-
-_BATCH = ("eps", "momentum", "affine", "track_running_stats", "freeze")
-_RENORM = ("rmax", "dmax", "warmup_steps", "rmax_ramp_steps", "dmax_ramp_steps")
-# The NormConfig fields each norm reads (tests/test_norms.py checks that the others change
-# nothing). The rest are left out of a run's identity and results row, so that, say, `none`
-# runs differing only in norm.eps are one run.
-NORM_SETTINGS: dict[str, tuple[str, ...]] = {
-    "none": (),
-    "batch": _BATCH,
-    "reference_batch": _BATCH,
-    "batch_renorm": (*_BATCH, *_RENORM),
-    "layer": ("eps", "affine"),
-    "group": ("eps", "affine", "num_groups"),
-    "instance": ("eps", "momentum", "affine", "track_running_stats"),
-}
-
-
-@dataclass
-class DatasetConfig:
-    name: str = "toy"
-    root: str = "data"  # where torchvision datasets look for their files
-    download: bool = False
-    preprocess: str = "standardize"  # standardize | minmax | none
-    val_fraction: float = 0.1  # share of the training split held out for validation
-    limit: int | None = None  # keep at most this many training examples
-    image_size: int | None = None  # resize images to image_size x image_size
-    # toy data only
-    data_seed: int = 0  # the synthetic task (prototypes or teacher, and the data drawn from it)
-    task: str = "classification"  # or "regression"
-    shape: list[int] = field(default_factory=lambda: [1, 16, 16])
-    num_classes: int = 10
-    train_size: int = 2000
-    test_size: int = 500
-    noise: float = 1.0
-
-
-@dataclass
-class OptimizerConfig:
-    name: str = "sgd"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    norm_weight_decay: bool = False  # apply weight decay to norm parameters too
-    scheduler: str | None = None  # "plateau": ReduceLROnPlateau on the validation loss
-    plateau_patience: int = 5
-    plateau_factor: float = 0.5
+_RUNTIME = {"identity": False}
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    norm: NormConfig = field(default_factory=NormConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    lr: float = 0.1
-    batch_size: int = 32
-    epochs: int = 5
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | mps
-    # torch CPU threads per run. One is fastest for these small models, and keeps results
-    # identical whether a sweep runs its jobs one after another or in parallel.
-    threads: int = 1
-    results_dir: str = "results"
-    quiet: bool = False
-    diagnostics: bool = False  # record per-layer statistics into diagnostics.csv
-    diagnostics_every: int = 10  # record every this many training steps
-    skip_done: bool = False  # skip when complete results exist (sweeps set it)
-    divergence_factor: float = 1e3  # loss above this times the first epoch's loss: diverged
+    model: Any = MISSING
+    norm: Any = MISSING
+    dataset: Any = MISSING
+    optimizer: Any = MISSING
+    lr: float = MISSING
+    batch_size: int = MISSING
+    epochs: int = MISSING
+    seed: int = MISSING
+    divergence_factor: float = MISSING  # loss above this times the first step's: diverged
+    stall_margin: float = MISSING  # final train loss not this fraction below a constant's: stalled
+    device: str = field(default=MISSING, metadata=_RUNTIME)  # auto | cpu | cuda | mps
+    threads: int = field(default=MISSING, metadata=_RUNTIME)  # torch CPU threads per run
+    results_dir: str = field(default=MISSING, metadata=_RUNTIME)
+    quiet: bool = field(default=MISSING, metadata=_RUNTIME)
+    # Output requests: a finished run without the requested output is not complete.
+    diagnostics: bool = field(default=MISSING, metadata=_RUNTIME)
+    diagnostics_every: int = field(default=MISSING, metadata=_RUNTIME)
+    skip_done: bool = field(default=MISSING, metadata=_RUNTIME)  # sweeps set it
 
 
-def validate(cfg: Config) -> None:
-    """What the typed schema cannot express. Raises ConfigError.
+def group_schemas() -> dict[str, dict[str, type]]:
+    """``{group: {option name: schema}}`` for every config group, from the registries."""
+    norms = {name: get_norm_spec(name).settings for name in norm_names()}
+    return {
+        "model": model_schemas(),
+        "norm": norms,
+        "dataset": dataset_schemas(),
+        "optimizer": optimizer_schemas(),
+    }
 
-    Hydra's ``+key=value`` and ``~key`` add and remove keys even in a typed config, so the
-    keys are checked against the schema first; then every float must be finite, then ranges.
+
+def register_configs() -> None:
+    """Store the schemas for ``configs/``: ``normbench_schema`` and ``schema/<group>/<name>``."""
+    store = ConfigStore.instance()
+    store.store(name="normbench_schema", node=Config)
+    for group, schemas in group_schemas().items():
+        for name, schema in schemas.items():
+            store.store(group=f"schema/{group}", name=name, node=schema)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Everything the composed config must satisfy on its own; raises ConfigError.
+
+    Each group node is checked against the schema of the option it names (a key that option
+    does not read is an error naming the ones it does), then every float must be finite, then
+    ranges. What needs the data's shapes or the model is checked by ``checks.check_run``.
     """
-    _check_keys(cfg, Config, "")
+    _check_node(cfg, Config, "")
+    for group, schemas in group_schemas().items():
+        node = cfg[group]
+        if node.get("name") not in schemas:
+            raise choices_error(group, node.get("name"), list(schemas))
+        _check_node(node, schemas[node.name], f"{group}.")
     _check_finite(cfg, "")
     checks = [
         (cfg.lr > 0, f"lr must be > 0; got {cfg.lr}"),
@@ -127,55 +96,71 @@ def validate(cfg: Config) -> None:
             cfg.diagnostics_every >= 1,
             f"diagnostics_every must be >= 1; got {cfg.diagnostics_every}",
         ),
-        (cfg.threads >= 1, f"threads must be >= 1; got {cfg.threads}"),
         (cfg.divergence_factor > 1, "divergence_factor must be > 1"),
-        (cfg.optimizer.momentum >= 0, "optimizer.momentum must be >= 0"),
-        (cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay must be >= 0"),
-        (
-            0 < cfg.optimizer.plateau_factor < 1,
-            f"optimizer.plateau_factor must be in (0, 1); got {cfg.optimizer.plateau_factor}",
-        ),
-        (cfg.optimizer.plateau_patience >= 0, "optimizer.plateau_patience must be >= 0"),
+        (0 <= cfg.stall_margin < 1, f"stall_margin must be in [0, 1); got {cfg.stall_margin}"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_threads(cfg.threads)
+    check_norm(cfg.norm)
+    check_optimizer(cfg.optimizer)
 
 
-def unknown_key_message(key: str) -> str:
-    """``unknown config key 'model.foo'; valid keys: model.activation, ...``."""
+def check_threads(threads: int) -> None:
+    """Torch threads per run: at least 1, at most the cores this process may use."""
+    cores = usable_cores()
+    if not 1 <= threads <= cores:
+        raise ConfigError(
+            f"threads must be between 1 and the {cores} usable CPU cores; got {threads}"
+        )
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity), not the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def unknown_key_message(key: str, schema: type | None = None) -> str:
+    """``unknown config key 'norm.foo'; the chosen norm reads: norm.name, norm.eps, ...``.
+
+    ``schema`` is the dataclass of the node holding the key, when the caller knows it.
+    """
     *parents, _ = key.split(".")
-    node = _schema_at(parents)
-    if node is None:  # outside the schema (e.g. hydra.*): no list to offer
-        return f"unknown config key {key!r}"
     where = "".join(f"{p}." for p in parents)
-    valid = ", ".join(where + f.name for f in fields(node))
+    if schema is None and not parents:
+        schema = Config
+    if schema is None or not is_dataclass(schema):  # outside the schema (e.g. hydra.*)
+        return f"unknown config key {key!r}"
+    valid = ", ".join(where + f.name for f in fields(schema))
+    if len(parents) == 1 and parents[0] in group_schemas():
+        return f"unknown config key {key!r}; the chosen {parents[0]} reads: {valid}"
     return f"unknown config key {key!r}; valid keys: {valid}"
 
 
-def _schema_at(path: list[str]) -> type | None:
-    node: type = Config
-    for part in path:
-        match = [f for f in fields(node) if f.name == part and is_dataclass(f.default_factory)]
-        if not match:
-            return None
-        node = match[0].default_factory
-    return node
-
-
-def _check_keys(node, schema: type, prefix: str) -> None:
-    expected = {f.name: f for f in fields(schema)}
+def _check_node(node: DictConfig, schema: type, prefix: str) -> None:
+    """``node`` has exactly the fields of ``schema`` (``+key``/``~key`` and user YAMLs included)."""
+    expected = {f.name for f in fields(schema)}
     for key in node:
         if key not in expected:
-            raise ConfigError(unknown_key_message(f"{prefix}{key}"))
-    for name, spec in expected.items():
+            raise ConfigError(unknown_key_message(f"{prefix}{key}", schema))
+    for name in expected:
         if name not in node:
             raise ConfigError(f"config key {prefix}{name!r} is required; it cannot be removed")
-        if is_dataclass(spec.default_factory):
-            _check_keys(node[name], spec.default_factory, f"{prefix}{name}.")
+    if OmegaConf.get_type(node) is not schema:  # an untyped node (a user's YAML): type it
+        try:
+            OmegaConf.merge(OmegaConf.structured(schema), node)
+        except OmegaConfBaseException as error:
+            detail = str(error).strip().splitlines()[0]
+            raise ConfigError(f"{prefix}{getattr(error, 'key', '')}: {detail}") from None
+    missing = [name for name in expected if OmegaConf.is_missing(node, name)]
+    if missing:
+        raise ConfigError(f"config key {prefix}{missing[0]!r} has no value; set it")
 
 
-def _check_finite(node, prefix: str) -> None:
+def _check_finite(node: Any, prefix: str) -> None:
     for key, value in node.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{prefix}{key} must be a finite number; got {value}")
@@ -183,6 +168,10 @@ def _check_finite(node, prefix: str) -> None:
             _check_finite(value, f"{prefix}{key}.")
 
 
-def register_configs() -> None:
-    """Register the schema so ``configs/config.yaml`` can name it in its defaults list."""
-    ConfigStore.instance().store(name="normbench_schema", node=Config)
+def identity_keys(node: DictConfig) -> set[str]:
+    """The keys of ``node`` that are part of a run's identity (its schema says which)."""
+    schema = OmegaConf.get_type(node)
+    if not is_dataclass(schema):
+        return set(node)
+    runtime = {f.name for f in fields(schema) if not f.metadata.get("identity", True)}
+    return set(node) - runtime

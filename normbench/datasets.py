@@ -12,20 +12,52 @@ from __future__ import annotations
 import math
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import MISSING
 from torch import Tensor
 
-from normbench.config import DatasetConfig
 from normbench.errors import ConfigError, choices_error
 
 Split = tuple[Tensor, Tensor]
+
+
+# ----------------------------------------------------------------------------- settings
+# One schema per kind of dataset; defaults live in configs/dataset/*.yaml. Fields marked
+# identity=False say where files are, not what is trained on: moving the data keeps run ids.
+
+
+@dataclass
+class DatasetSettings:
+    """What every dataset reads: the splits and the preprocessing (the digits dataset)."""
+
+    name: str = MISSING
+    preprocess: str = MISSING  # standardize | minmax | none
+    val_fraction: float = MISSING  # share of the training split held out for validation
+    limit: int | None = MISSING  # keep at most this many training examples
+    image_size: int | None = MISSING  # resize images to image_size x image_size
+
+
+@dataclass
+class ToySettings(DatasetSettings):
+    data_seed: int = MISSING  # the synthetic task (prototypes or teacher, and its data)
+    task: str = MISSING  # classification | regression
+    shape: list[int] = MISSING
+    num_classes: int = MISSING
+    train_size: int = MISSING
+    test_size: int = MISSING
+    noise: float = MISSING
+
+
+@dataclass
+class TorchvisionSettings(DatasetSettings):
+    root: str = field(default=MISSING, metadata={"identity": False})
+    download: bool = field(default=MISSING, metadata={"identity": False})
 
 TASKS = ("classification", "regression")
 
@@ -69,7 +101,17 @@ class _Source:
     task: str = "classification"
 
 
-def _load_toy(cfg: Any) -> _Source:
+@dataclass(frozen=True)
+class SourceInfo:
+    """What a dataset's training split looks like, known without reading it."""
+
+    input_shape: tuple[int, ...]
+    num_outputs: int
+    task: str
+    train_examples: int
+
+
+def _toy_info(cfg: Any) -> SourceInfo:
     shape = tuple(cfg.shape)
     if len(shape) not in (1, 3) or min(shape) < 1:
         raise ConfigError(
@@ -87,6 +129,12 @@ def _load_toy(cfg: Any) -> _Source:
         )
     if cfg.noise < 0:
         raise ConfigError(f"dataset.noise must be at least 0, got {cfg.noise}")
+    classify = cfg.task == "classification"
+    return SourceInfo(shape, cfg.num_classes if classify else 1, cfg.task, cfg.train_size)
+
+
+def _load_toy(cfg: Any) -> _Source:
+    shape = tuple(cfg.shape)
     g = torch.Generator().manual_seed(cfg.data_seed)  # the task, fixed across run seeds
     n = cfg.train_size + cfg.test_size
     if cfg.task == "classification":
@@ -134,10 +182,25 @@ def _load_digits(cfg: Any) -> _Source:
     return _Source((x[train], y[train]), (x[test], y[test]), num_outputs=10)
 
 
-def _load_torchvision(class_name: str, cfg: Any) -> _Source:
+def _torchvision_class(class_name: str) -> type:
     import torchvision.datasets  # slow import that only these datasets need
 
-    cls = getattr(torchvision.datasets, class_name)
+    return getattr(torchvision.datasets, class_name)
+
+
+def _torchvision_info(class_name: str, shape: tuple[int, ...], train: int, cfg: Any) -> SourceInfo:
+    """The dataset's known shapes; its files must be there unless they are to be downloaded."""
+    folder, missing = _missing_files(cfg, _torchvision_class(class_name))
+    if missing and not cfg.download:
+        raise ConfigError(
+            f"dataset {cfg.name}: {', '.join(missing)} not found in {folder}; "
+            f"set dataset.download=true to download them, or place the files there"
+        )
+    return SourceInfo(shape, 10, "classification", train)
+
+
+def _load_torchvision(class_name: str, cfg: Any) -> _Source:
+    cls = _torchvision_class(class_name)
     try:
         train, test = (cls(cfg.root, train=flag, download=cfg.download) for flag in (True, False))
         source = _Source(_tensors(train), _tensors(test), num_outputs=len(train.classes))
@@ -156,17 +219,24 @@ def _tensors(dataset: Any) -> Split:
     return x, y
 
 
-def _unreadable_files(cfg: Any, cls: type, err: Exception) -> ConfigError:
-    """One line: where torchvision looked, what is wrong there and how to get the files."""
-    import torchvision.datasets
+class DataError(RuntimeError):
+    """Data files that exist but cannot be read: that run fails, the others of a sweep go on."""
 
-    if issubclass(cls, torchvision.datasets.CIFAR10):
+
+def _missing_files(cfg: Any, cls: type) -> tuple[Path, list[str]]:
+    """The folder torchvision reads ``cls`` from, and the files missing there."""
+    if hasattr(cls, "base_folder"):  # CIFAR-10
         folder = Path(cfg.root).expanduser().resolve() / cls.base_folder
         files = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     else:
         folder = Path(cfg.root).expanduser().resolve() / cls.__name__ / "raw"
         files = [name.removesuffix(".gz") for name, _ in cls.resources]
-    missing = [name for name in files if not (folder / name).is_file()]
+    return folder, [name for name in files if not (folder / name).is_file()]
+
+
+def _unreadable_files(cfg: Any, cls: type, err: Exception) -> Exception:
+    """One line: where torchvision looked, what is wrong there and how to get the files."""
+    folder, missing = _missing_files(cfg, cls)
     if missing and cfg.download:
         return ConfigError(
             f"dataset {cfg.name}: download failed ({_one_line(err)}) and {', '.join(missing)} "
@@ -177,7 +247,7 @@ def _unreadable_files(cfg: Any, cls: type, err: Exception) -> ConfigError:
             f"dataset {cfg.name}: {', '.join(missing)} not found in {folder}; "
             f"set dataset.download=true to download them, or place the files there"
         )
-    return ConfigError(
+    return DataError(
         f"dataset {cfg.name}: corrupt or incomplete files in {folder} ({_one_line(err)}); "
         f"delete them and set dataset.download=true, or replace them with intact copies"
     )
@@ -188,15 +258,33 @@ def _one_line(err: Exception, max_chars: int = 200) -> str:
     return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
 
 
-Loader = Callable[[Any], _Source]
+@dataclass(frozen=True)
+class DatasetSpec:
+    settings: type  # the schema of its config node
+    info: Callable[[Any], SourceInfo]  # checks the settings (and that files exist)
+    load: Callable[[Any], _Source]
 
+
+def _torchvision(class_name: str, shape: tuple[int, ...], train: int) -> DatasetSpec:
+    return DatasetSpec(
+        TorchvisionSettings,
+        partial(_torchvision_info, class_name, shape, train),
+        partial(_load_torchvision, class_name),
+    )
+
+
+_DIGITS_TRAIN = 1797 - round(_DIGITS_TEST_FRACTION * 1797)
 # What each dataset is: configs/dataset/<name>.yaml says (and `normbench list` shows).
-_DATASETS: dict[str, Loader] = {
-    "toy": _load_toy,
-    "digits": _load_digits,
-    "mnist": partial(_load_torchvision, "MNIST"),
-    "fashion_mnist": partial(_load_torchvision, "FashionMNIST"),
-    "cifar10": partial(_load_torchvision, "CIFAR10"),
+_DATASETS: dict[str, DatasetSpec] = {
+    "toy": DatasetSpec(ToySettings, _toy_info, _load_toy),
+    "digits": DatasetSpec(
+        DatasetSettings,
+        lambda cfg: SourceInfo((1, 8, 8), 10, "classification", _DIGITS_TRAIN),
+        _load_digits,
+    ),
+    "mnist": _torchvision("MNIST", (1, 28, 28), 60000),
+    "fashion_mnist": _torchvision("FashionMNIST", (1, 28, 28), 60000),
+    "cifar10": _torchvision("CIFAR10", (3, 32, 32), 50000),
 }
 
 
@@ -233,8 +321,41 @@ def dataset_names() -> list[str]:
     return list(_DATASETS)
 
 
-def load_dataset(cfg: DatasetConfig | DictConfig, seed: int) -> DataSplits:
-    """Load ``cfg.name`` (a DatasetConfig or DictConfig) as train/val/test CPU tensors."""
+def dataset_schemas() -> dict[str, type]:
+    """The schema of each dataset's config node, by dataset name."""
+    return {name: spec.settings for name, spec in _DATASETS.items()}
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """A run's data as it will be loaded: shapes and sizes, known before loading."""
+
+    input_shape: tuple[int, ...]
+    num_outputs: int
+    task: str
+    train_examples: int  # after the limit and the validation hold-out
+
+
+def describe_dataset(cfg: Any) -> DataInfo:
+    """Check ``cfg`` and say what :func:`load_dataset` will give, reading no data.
+
+    Bad settings and missing files (unless they are to be downloaded) raise ConfigError.
+    """
+    spec = _spec(cfg)
+    source = spec.info(cfg)
+    shape = source.input_shape
+    if cfg.image_size is not None:
+        if len(shape) != 3:
+            raise ConfigError(
+                f"dataset.image_size resizes images, but dataset {cfg.name} gives feature "
+                f"vectors of shape {shape}; set dataset.image_size=null"
+            )
+        shape = (shape[0], cfg.image_size, cfg.image_size)
+    n_train, _ = _split_sizes(source.train_examples, cfg.val_fraction, cfg.limit)
+    return DataInfo(shape, source.num_outputs, source.task, n_train)
+
+
+def _spec(cfg: Any) -> DatasetSpec:
     if cfg.name not in _DATASETS:
         raise choices_error("dataset", cfg.name, dataset_names())
     if cfg.preprocess not in _PREPROCESSORS:
@@ -245,17 +366,17 @@ def load_dataset(cfg: DatasetConfig | DictConfig, seed: int) -> DataSplits:
         raise ConfigError(f"dataset.limit must be at least 2 (or null), got {cfg.limit}")
     if cfg.image_size is not None and cfg.image_size < 1:
         raise ConfigError(f"dataset.image_size must be positive (or null), got {cfg.image_size}")
-    loader = _DATASETS[cfg.name]
-    source = loader(cfg)
+    return _DATASETS[cfg.name]
+
+
+def load_dataset(cfg: Any, seed: int) -> DataSplits:
+    """Load the dataset of config node ``cfg`` as train/val/test CPU tensors."""
+    describe_dataset(cfg)
+    source = _spec(cfg).load(cfg)
     train, val = _hold_out(source.train, cfg.val_fraction, cfg.limit, seed)
     splits = [train, val] if source.test is None else [train, val, source.test]
     inputs = [_to_float(x) for x, _ in splits]
     if cfg.image_size is not None:
-        if inputs[0].ndim != 4:
-            raise ConfigError(
-                f"dataset.image_size resizes images, but dataset {cfg.name} gives feature "
-                f"vectors of shape {tuple(inputs[0].shape[1:])}; set dataset.image_size=null"
-            )
         inputs = [_resize(x, cfg.image_size) for x in inputs]
     shift, scale = _PREPROCESSORS[cfg.preprocess](inputs[0])
     scale = torch.where(scale > 1e-6, scale, torch.ones_like(scale))  # constant inputs: shift
@@ -278,11 +399,18 @@ def _hold_out(
     """(train, val): at most ``limit`` examples in all, ``val_fraction`` of them for val."""
     x, y = split
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:limit]
-    if len(order) < 2:
-        raise ConfigError(f"the training split has {len(order)} example(s); need at least 2")
-    n_val = min(max(round(val_fraction * len(order)), 1), len(order) - 1)
+    _, n_val = _split_sizes(len(order), val_fraction, limit)
     val, train = order[:n_val], order[n_val:]
     return (x[train], y[train]), (x[val], y[val])
+
+
+def _split_sizes(n: int, val_fraction: float, limit: int | None) -> tuple[int, int]:
+    """(train, validation) sizes of ``n`` examples capped at ``limit``."""
+    n = min(n, limit) if limit is not None else n
+    if n < 2:
+        raise ConfigError(f"the training split has {n} example(s); need at least 2")
+    n_val = min(max(round(val_fraction * n), 1), n - 1)
+    return n - n_val, n_val
 
 
 def _to_float(x: Tensor) -> Tensor:

@@ -19,11 +19,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 
 from normbench import results
-from normbench.config import validate
+from normbench.checks import check_run
 from normbench.datasets import DataSplits, load_dataset
 from normbench.diagnostics import Recorder
 from normbench.errors import ConfigError
 from normbench.models import build_model, init_paired
+from normbench.norms import is_frozen
 from normbench.train import (
     Timer,
     evaluate,
@@ -37,7 +38,7 @@ from normbench.train import (
 @dataclass
 class RunResult:
     run_id: str
-    status: str  # ok | diverged | failed | skipped
+    status: str  # ok | diverged | stalled | failed | skipped
     path: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
 
@@ -58,14 +59,15 @@ def run_experiment(
     """Run one experiment and write ``results_dir/<run_id>/``.
 
     Invalid input raises ConfigError before anything is written. A run whose loss becomes
-    non-finite or explodes stops with status ``diverged``. Any other exception is recorded as
-    status ``failed`` (traceback in ``error.txt``) and re-raised.
+    non-finite or explodes stops with status ``diverged``; one that ends without learning
+    (see :func:`stalled`) is ``stalled``. Any other exception is recorded as status
+    ``failed`` (traceback in ``error.txt``) and re-raised.
     """
     choices = dict(choices or default_choices(cfg))
-    validate(cfg)
+    check_run(cfg)
     run_id = results.run_id(cfg, choices)
     run_path = Path(cfg.results_dir) / run_id
-    if cfg.skip_done and results.is_complete(run_path):
+    if cfg.skip_done and results.is_complete(run_path, cfg.diagnostics):
         return RunResult(run_id, "skipped", run_path)
 
     torch.set_num_threads(cfg.threads)  # per job: joblib's workers are reused across jobs
@@ -108,12 +110,9 @@ class Setup:
 
 
 def prepare(cfg: DictConfig) -> Setup:
-    """Load the data and build the model and optimizer; invalid input raises ConfigError."""
+    """Load the data and build the model and optimizer (on a config that passed check_run)."""
     device = pick_device(cfg.device)
     data = load_dataset(cfg.dataset, cfg.seed)
-    n_train = len(data.train[0])
-    if cfg.batch_size > n_train:
-        raise ConfigError(f"batch_size {cfg.batch_size} exceeds the {n_train} training examples")
     model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs)
     init_paired(model, cfg.seed)
     torch.manual_seed(cfg.seed)  # dropout and anything else drawing from the global stream
@@ -164,7 +163,7 @@ def _train(
                     train,
                     cfg.batch_size,
                     generator,
-                    freeze_norms=cfg.norm.freeze,
+                    freeze_norms=is_frozen(cfg.norm),
                     on_step=recorder.on_step if recorder is not None else None,
                     on_batch=lambda: progress.advance(task),
                 )
@@ -200,7 +199,23 @@ def _train(
     if data.test is not None:
         test = _to(data.test, setup.device)
         rows[-1]["test_loss"], rows[-1]["test_acc"] = evaluate(model, loss_fn, test)
-    return "ok"
+    return "stalled" if stalled(rows[-1]["train_loss"], train[1], cfg.stall_margin) else "ok"
+
+
+def constant_loss(targets: torch.Tensor) -> float:
+    """The training loss of the best constant predictor: the entropy of the class frequencies
+    (ln C for C balanced classes) for cross-entropy, the targets' variance for squared error."""
+    if targets.dtype == torch.int64:
+        freq = torch.bincount(targets).double() / len(targets)
+        freq = freq[freq > 0]
+        return float(-(freq * freq.log()).sum())
+    return float(targets.double().var(correction=0))
+
+
+def stalled(train_loss: float, targets: torch.Tensor, margin: float) -> bool:
+    """Whether a finished run did not learn: its final training loss is not at least
+    ``margin`` (a fraction) below the best constant predictor's."""
+    return train_loss > (1 - margin) * constant_loss(targets)
 
 
 def _write(

@@ -8,14 +8,31 @@ count only (torchvision's ``norm_layer`` convention), never a norm's name.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import MISSING
 from torch import nn
 
 from normbench import norms
-from normbench.config import ModelConfig, NormConfig
 from normbench.errors import ConfigError, choices_error
+
+
+@dataclass
+class MLPSettings:
+    """An MLP's schema; defaults live in configs/model/*.yaml."""
+
+    name: str = MISSING
+    hidden: list[int] = MISSING  # widths of hidden Linear layers
+    activation: str = MISSING
+    norm_position: str = MISSING  # before_activation | after_activation
+    dropout: float = MISSING
+
+
+@dataclass
+class CNNSettings(MLPSettings):
+    channels: list[int] = MISSING  # widths of the conv layers
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -149,20 +166,43 @@ lenet = _cnn(kernel=5, padding=0, normalize_first=False)
 # Document 004's CIFAR CNN: 3x3 convs with padding 1, each normalized, 2x2 max-pooling, one fc.
 convnet = _cnn(kernel=3, padding=1, normalize_first=True)
 
-_MODELS: dict[str, Callable[..., Net]] = {"mlp": mlp, "lenet": lenet, "convnet": convnet}
+# name -> (schema of its config node, builder)
+_MODELS: dict[str, tuple[type, Callable[..., Net]]] = {
+    "mlp": (MLPSettings, mlp),
+    "lenet": (CNNSettings, lenet),
+    "convnet": (CNNSettings, convnet),
+}
 
 
 def model_names() -> list[str]:
     return list(_MODELS)
 
 
+def model_schemas() -> dict[str, type]:
+    """The schema of each model's config node, by model name."""
+    return {name: schema for name, (schema, _) in _MODELS.items()}
+
+
 def build_model(
-    model_cfg: ModelConfig | DictConfig,
-    norm_cfg: NormConfig | DictConfig,
-    input_shape: Sequence[int],
-    num_outputs: int,
+    model_cfg: Any, norm_cfg: Any, input_shape: Sequence[int], num_outputs: int
 ) -> Net:
-    """Build ``model_cfg.name`` with the norm of ``norm_cfg`` for the dataset's shapes."""
+    """Build ``model_cfg.name`` with the norm of ``norm_cfg`` for the dataset's shapes.
+
+    A norm that would normalize nothing in this model (an MLP without hidden layers, say) is
+    a ConfigError: its results would be the baseline's under another name.
+    """
+    net = _build(model_cfg, norm_cfg, input_shape, num_outputs)
+    if norm_cfg.name != "none" and not any(
+        not isinstance(block.norm, nn.Identity) for block in net.blocks
+    ):
+        raise ConfigError(
+            f"norm {norm_cfg.name!r} normalizes nothing in model {model_cfg.name!r} as "
+            "configured (no normalized hidden layer); add hidden layers or use norm=none"
+        )
+    return net
+
+
+def _build(model_cfg: Any, norm_cfg: Any, input_shape: Sequence[int], num_outputs: int) -> Net:
     if model_cfg.name not in _MODELS:
         raise choices_error("model", model_cfg.name, model_names())
     if model_cfg.activation not in _ACTIVATIONS:
@@ -171,8 +211,9 @@ def build_model(
         raise choices_error("model.norm_position", model_cfg.norm_position, _NORM_POSITIONS)
     if not 0 <= model_cfg.dropout < 1:
         raise ConfigError(f"model.dropout must be in [0, 1); got {model_cfg.dropout}")
-    if any(w < 1 for w in [*model_cfg.hidden, *model_cfg.channels]):
+    if any(w < 1 for w in [*model_cfg.hidden, *model_cfg.get("channels", [])]):
         raise ConfigError("model.hidden and model.channels must be positive widths")
+    spec = norms.get_norm_spec(norm_cfg.name)
     kwargs = dict(
         activation=model_cfg.activation,
         norm_position=model_cfg.norm_position,
@@ -180,22 +221,19 @@ def build_model(
         # A bias followed by a norm that subtracts the per-channel mean is redundant; not
         # when the norm is frozen: then it subtracts fixed statistics and adds a fixed shift.
         bias=not (
-            norms.norm_removes_bias(norm_cfg.name)
+            spec.removes_bias
             and model_cfg.norm_position == "before_activation"
-            and not norm_cfg.freeze
+            and not norms.is_frozen(norm_cfg)
         ),
     )
-    if model_cfg.name == "mlp":
+    build = _MODELS[model_cfg.name][1]
+    if build is mlp:
         norm_layer = norms.get_norm_layer(norm_cfg, spatial=False)
         return mlp(input_shape, num_outputs, model_cfg.hidden, norm_layer, **kwargs)
     # Norms that only make sense on feature maps (instance) leave the dense layers of a CNN
     # unnormalized rather than computing something meaningless on features.
-    dense_norm = (
-        None
-        if norms.norm_is_spatial_only(norm_cfg.name)
-        else norms.get_norm_layer(norm_cfg, spatial=False)
-    )
-    return _MODELS[model_cfg.name](
+    dense_norm = None if spec.spatial_only else norms.get_norm_layer(norm_cfg, spatial=False)
+    return build(
         input_shape,
         num_outputs,
         model_cfg.channels,

@@ -1,4 +1,10 @@
-"""The one place normalization layers come from: a registry from name to layer factory.
+"""The one place normalization layers come from: one entry per norm, and everything about it.
+
+Each :class:`NormSpec` says how the norm is built, which settings it reads (its schema: a
+dataclass stored in Hydra's ConfigStore, with its defaults in ``configs/norm/<name>.yaml``),
+whether it normalizes with batch statistics, whether it cancels a bias just before it, and
+which layers it applies to. Every other list (run identity, the schema check, the models'
+bias rule, freezing) derives from these entries.
 
 ``get_norm_layer(cfg, spatial)`` turns a norm config into a factory that takes the channel count
 only (timm's ``create_norm``, torchvision's ``norm_layer``), for (N, C) features
@@ -12,34 +18,62 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import MISSING
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from normbench.batch_renorm import BatchRenorm
-from normbench.config import NormConfig
 from normbench.errors import ConfigError, choices_error
 from normbench.reference_batchnorm import ReferenceBatchNorm
 
 NormLayer = Callable[[int], nn.Module]
 
-_BATCH_NORMS = (_BatchNorm, BatchRenorm, ReferenceBatchNorm)
-# _NormBase covers batch and instance norm.
-_NORMS = (_NormBase, nn.LayerNorm, nn.GroupNorm, BatchRenorm, ReferenceBatchNorm)
+
+# ----------------------------------------------------------------------------- settings
+# One schema per kind of norm. Defaults live in the YAML files only (MISSING here).
 
 
-@dataclass(frozen=True)
-class _Spec:
-    build: Callable[[Any, bool], NormLayer | None]  # (cfg, spatial) -> factory
-    batch_stats: bool = False  # normalizes over the batch: batch-norm-like, can be frozen
-    spatial_only: bool = False  # needs (N, C, H, W) maps
-    # Subtracts a per-channel mean (over the batch or the spatial positions), so a bias added
-    # just before it cancels. Layer and group norm subtract one mean over several channels,
-    # which leaves per-channel bias differences in place: their bias is not redundant.
-    removes_bias: bool = False
+@dataclass
+class NoNormSettings:
+    name: str = MISSING
 
 
-def _batch(cfg, spatial: bool) -> NormLayer:
+@dataclass
+class LayerNormSettings:
+    name: str = MISSING
+    eps: float = MISSING
+    affine: bool = MISSING
+
+
+@dataclass
+class GroupNormSettings(LayerNormSettings):
+    num_groups: int = MISSING
+
+
+@dataclass
+class InstanceNormSettings(LayerNormSettings):
+    momentum: float | None = MISSING  # None: cumulative average
+    track_running_stats: bool = MISSING
+
+
+@dataclass
+class BatchNormSettings(InstanceNormSettings):
+    freeze: bool = MISSING  # eval mode with fixed parameters and statistics (fine-tuning)
+
+
+@dataclass
+class BatchRenormSettings(BatchNormSettings):
+    # Ioffe 2017: plain BN for warmup_steps, then rmax and dmax ramp up linearly
+    rmax: float = MISSING
+    dmax: float = MISSING
+    warmup_steps: int = MISSING
+    rmax_ramp_steps: int = MISSING
+    dmax_ramp_steps: int = MISSING
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def _batch(cfg: Any, spatial: bool) -> NormLayer:
     return partial(
         nn.BatchNorm2d if spatial else nn.BatchNorm1d,
         eps=cfg.eps,
@@ -49,21 +83,13 @@ def _batch(cfg, spatial: bool) -> NormLayer:
     )
 
 
-def _layer(cfg, spatial: bool) -> NormLayer:
+def _layer(cfg: Any, spatial: bool) -> NormLayer:
     if spatial:  # over C, H, W with a per-channel affine: the GN paper's LN
         return partial(nn.GroupNorm, 1, eps=cfg.eps, affine=cfg.affine)
     return partial(nn.LayerNorm, eps=cfg.eps, elementwise_affine=cfg.affine)
 
 
-def _instance(cfg, spatial: bool) -> NormLayer:
-    if not spatial:
-        raise ConfigError(
-            "norm 'instance' needs CNN feature maps (statistics over H, W); an MLP has none: "
-            "choose another norm or a CNN model"
-        )
-    if cfg.track_running_stats and cfg.momentum is None:
-        # InstanceNorm2d reads momentum=None as 0: its running statistics would never move.
-        raise ConfigError("norm 'instance' has no cumulative average; set norm.momentum")
+def _instance(cfg: Any, spatial: bool) -> NormLayer:
     return partial(
         nn.InstanceNorm2d,
         eps=cfg.eps,
@@ -73,7 +99,7 @@ def _instance(cfg, spatial: bool) -> NormLayer:
     )
 
 
-def _group(cfg, spatial: bool) -> NormLayer:
+def _group(cfg: Any, spatial: bool) -> NormLayer:
     groups, eps, affine = cfg.num_groups, cfg.eps, cfg.affine
 
     def group_norm(channels: int) -> nn.Module:
@@ -88,12 +114,7 @@ def _group(cfg, spatial: bool) -> NormLayer:
     return group_norm
 
 
-def _batch_renorm(cfg, spatial: bool) -> NormLayer:
-    if not cfg.track_running_stats:
-        raise ConfigError(
-            "norm 'batch_renorm' computes r and d from its moving statistics; "
-            "norm.track_running_stats must be true"
-        )
+def _batch_renorm(cfg: Any, spatial: bool) -> NormLayer:
     return partial(
         BatchRenorm,
         eps=cfg.eps,
@@ -107,7 +128,7 @@ def _batch_renorm(cfg, spatial: bool) -> NormLayer:
     )
 
 
-def _reference_batch(cfg, spatial: bool) -> NormLayer:
+def _reference_batch(cfg: Any, spatial: bool) -> NormLayer:
     return partial(
         ReferenceBatchNorm,
         eps=cfg.eps,
@@ -117,71 +138,125 @@ def _reference_batch(cfg, spatial: bool) -> NormLayer:
     )
 
 
-# What each norm is: configs/norm/<name>.yaml says (and `normbench list` shows).
-_REGISTRY: dict[str, _Spec] = {
-    "none": _Spec(lambda cfg, spatial: None),
-    "batch": _Spec(_batch, batch_stats=True, removes_bias=True),
-    "layer": _Spec(_layer),
-    "instance": _Spec(_instance, spatial_only=True, removes_bias=True),
-    "group": _Spec(_group),
-    "batch_renorm": _Spec(_batch_renorm, batch_stats=True, removes_bias=True),
-    "reference_batch": _Spec(_reference_batch, batch_stats=True, removes_bias=True),
-}
+# ----------------------------------------------------------------------------- checks
 
 
-def norm_names() -> list[str]:
-    return list(_REGISTRY)
-
-
-def _spec(name: str) -> _Spec:
-    if name not in _REGISTRY:
-        raise choices_error("norm", name, norm_names())
-    return _REGISTRY[name]
-
-
-def norm_is_spatial_only(name: str) -> bool:
-    """Whether the norm needs (N, C, H, W) maps (so a CNN's dense layers go unnormalized)."""
-    return _spec(name).spatial_only
-
-
-def norm_removes_bias(name: str) -> bool:
-    """Whether a bias just before this norm is redundant (it subtracts a per-channel mean)."""
-    return _spec(name).removes_bias
-
-
-def _check(cfg) -> None:
+def _check_eps(cfg: Any) -> None:
     if cfg.eps <= 0:
         raise ConfigError(f"norm.eps must be positive; got {cfg.eps}")
+
+
+def _check_running(cfg: Any) -> None:
+    _check_eps(cfg)
     if cfg.momentum is not None and not 0 <= cfg.momentum <= 1:
         raise ConfigError(f"norm.momentum must be in [0, 1] or null; got {cfg.momentum}")
+
+
+def _check_instance(cfg: Any) -> None:
+    _check_running(cfg)
+    if cfg.track_running_stats and cfg.momentum is None:
+        # InstanceNorm2d reads momentum=None as 0: its running statistics would never move.
+        raise ConfigError("norm 'instance' has no cumulative average; set norm.momentum")
+
+
+def _check_group(cfg: Any) -> None:
+    _check_eps(cfg)
     if cfg.num_groups < 1:
         raise ConfigError(f"norm.num_groups must be at least 1; got {cfg.num_groups}")
+
+
+def _check_batch_renorm(cfg: Any) -> None:
+    _check_running(cfg)
+    if not cfg.track_running_stats:
+        raise ConfigError(
+            "norm 'batch_renorm' computes r and d from its moving statistics; "
+            "norm.track_running_stats must be true"
+        )
     if cfg.rmax < 1 or cfg.dmax < 0:
         raise ConfigError(f"norm.rmax must be >= 1 and norm.dmax >= 0; got {cfg.rmax}, {cfg.dmax}")
     if min(cfg.warmup_steps, cfg.rmax_ramp_steps, cfg.dmax_ramp_steps) < 0:
         raise ConfigError("norm.warmup_steps, rmax_ramp_steps and dmax_ramp_steps must be >= 0")
-    if cfg.freeze and not _spec(cfg.name).batch_stats:
-        batch_like = [name for name, spec in _REGISTRY.items() if spec.batch_stats]
-        raise ConfigError(
-            f"norm.freeze applies to batch-norm-like norms ({', '.join(batch_like)}); "
-            f"norm {cfg.name!r} has none"
-        )
 
 
-def get_norm_layer(cfg: NormConfig | DictConfig, spatial: bool) -> NormLayer | None:
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    settings: type  # the schema of its config node
+    build: Callable[[Any, bool], NormLayer | None]  # (cfg, spatial) -> factory
+    check: Callable[[Any], None] = lambda cfg: None  # raises ConfigError
+    batch_stats: bool = False  # normalizes over the batch: batch-norm-like, can be frozen
+    spatial_only: bool = False  # needs (N, C, H, W) maps: a CNN's dense layers go without
+    # Subtracts a per-channel mean (over the batch or the spatial positions), so a bias added
+    # just before it cancels. Layer and group norm subtract one mean over several channels,
+    # which leaves per-channel bias differences in place: their bias is not redundant.
+    removes_bias: bool = False
+
+
+_NORMS: dict[str, NormSpec] = {
+    "none": NormSpec(NoNormSettings, lambda cfg, spatial: None),
+    "batch": NormSpec(
+        BatchNormSettings, _batch, _check_running, batch_stats=True, removes_bias=True
+    ),
+    "layer": NormSpec(LayerNormSettings, _layer, _check_eps),
+    "instance": NormSpec(
+        InstanceNormSettings, _instance, _check_instance, spatial_only=True, removes_bias=True
+    ),
+    "group": NormSpec(GroupNormSettings, _group, _check_group),
+    "batch_renorm": NormSpec(
+        BatchRenormSettings, _batch_renorm, _check_batch_renorm, batch_stats=True,
+        removes_bias=True,
+    ),  # fmt: skip
+    "reference_batch": NormSpec(
+        BatchNormSettings, _reference_batch, _check_running, batch_stats=True, removes_bias=True
+    ),
+}
+# The layer classes of the batch-statistics norms, and of every norm (for weight decay).
+_BATCH_NORM_MODULES = (nn.modules.batchnorm._BatchNorm, BatchRenorm, ReferenceBatchNorm)
+_NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, *_BATCH_NORM_MODULES)
+
+
+def norm_names() -> list[str]:
+    return list(_NORMS)
+
+
+def get_norm_spec(name: str) -> NormSpec:
+    """The registry entry of ``name``; an unknown name is a ConfigError naming the choices."""
+    if name not in _NORMS:
+        raise choices_error("norm", name, norm_names())
+    return _NORMS[name]
+
+
+def check_norm(cfg: Any) -> None:
+    """Settings in range for ``cfg.name``; raises ConfigError."""
+    get_norm_spec(cfg.name).check(cfg)
+
+
+def get_norm_layer(cfg: Any, spatial: bool) -> NormLayer | None:
     """The factory ``channels -> module`` for ``cfg.name``, or None for "none".
 
-    ``cfg`` is a NormConfig or a DictConfig with its attributes; ``spatial`` says whether the
-    layer sees (N, C, H, W) maps or (N, C) features. Invalid settings raise ConfigError.
+    ``cfg`` is a norm config node (its settings per the norm's schema); ``spatial`` says
+    whether the layer sees (N, C, H, W) maps or (N, C) features. Bad settings: ConfigError.
     """
-    spec = _spec(cfg.name)
-    _check(cfg)
+    spec = get_norm_spec(cfg.name)
+    spec.check(cfg)
+    if spec.spatial_only and not spatial:
+        raise ConfigError(
+            f"norm {cfg.name!r} needs CNN feature maps (statistics over H, W); an MLP has none: "
+            "choose another norm or a CNN model"
+        )
     return spec.build(cfg, spatial)
+
+
+def is_frozen(cfg: Any) -> bool:
+    """Whether the norm config asks for frozen batch norms (only batch-like norms can)."""
+    return bool(cfg.get("freeze", False))
 
 
 def is_batch_norm(module: nn.Module) -> bool:
     """Whether ``module`` normalizes with batch statistics (torch BN, BatchRenorm, reference)."""
-    return isinstance(module, _BATCH_NORMS)
+    return isinstance(module, _BATCH_NORM_MODULES)
 
 
 def freeze_batch_norms(model: nn.Module) -> None:
@@ -198,4 +273,6 @@ def freeze_batch_norms(model: nn.Module) -> None:
 
 def norm_parameters(model: nn.Module) -> set[int]:
     """The ``id`` of every parameter of a norm layer (to exempt from weight decay)."""
-    return {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters()}
+    return {
+        id(p) for m in model.modules() if isinstance(m, _NORM_MODULES) for p in m.parameters()
+    }

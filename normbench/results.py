@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from normbench.config import NORM_SETTINGS
+from normbench.config import identity_keys
 
 METRICS_FILE = "metrics.csv"
 CONFIG_FILE = "config.yaml"
@@ -62,19 +62,7 @@ METRIC_COLUMNS = [
 DIAGNOSTIC_COLUMNS = ["run_id", "epoch", "step", "layer", "quantity", "value"]
 # The recorded percentiles of the last hidden layer's pre-activation (Ioffe & Szegedy Fig. 1).
 PERCENTILES = {"preact_p15": 0.15, "preact_p50": 0.50, "preact_p85": 0.85}
-DONE_STATUSES = ("ok", "diverged")
-
-# Keys that say how or where to run, not what to run: they do not change a run's identity.
-_NON_IDENTITY_KEYS = {
-    "results_dir",
-    "quiet",
-    "device",
-    "threads",
-    "diagnostics",
-    "diagnostics_every",
-    "skip_done",
-}
-
+DONE_STATUSES = ("ok", "diverged", "stalled")
 
 def normalize_value(value: Any) -> Any:
     """Round floats to 12 significant digits: ``range(0.1, 1, 0.1)`` gives 0.30000000000000004."""
@@ -85,28 +73,26 @@ def normalize_value(value: Any) -> Any:
     return value
 
 
-def flat_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """The run's hyperparameters as ``{"lr": 0.1, "norm.eps": 1e-05, ...}`` (identity keys only)."""
-    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    norm = container.get("norm", {})
-    # A norm outside the registry (from a user's config folder) keeps every setting.
-    used = {f"norm.{key}" for key in NORM_SETTINGS.get(norm.get("name"), tuple(norm))}
-    return {
-        key: value
-        for key, value in _flatten(container, "").items()
-        if key.split(".")[0] not in _NON_IDENTITY_KEYS
-        and not key.startswith("hydra.")
-        and (not key.startswith("norm.") or key == "norm.name" or key in used)
-    }
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """The run's identity as ``{"lr": 0.1, "norm.eps": 1e-05, ...}``.
+
+    Each node's schema says which of its keys are identity (config.identity_keys): where
+    files are and how the run executes are left out.
+    """
+    return _flatten(cfg, "")
 
 
-def _flatten(node: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def _flatten(node: DictConfig, prefix: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
-    for key, value in node.items():
-        if isinstance(value, Mapping):
+    for key in sorted(identity_keys(node), key=list(node).index):
+        if key == "hydra":
+            continue
+        value = node[key]
+        if isinstance(value, DictConfig):
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
-            flat[f"{prefix}{key}"] = normalize_value(value)
+            plain = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            flat[f"{prefix}{key}"] = normalize_value(plain)
     return flat
 
 
@@ -146,9 +132,15 @@ def atomic_write_csv(path: Path, rows: Iterable[Mapping[str, Any]], columns: lis
     atomic_write_text(path, frame.to_csv(index=False))
 
 
-def is_complete(run_path: Path) -> bool:
-    """True when the run finished (status ok or diverged); failed or interrupted runs are not."""
+def is_complete(run_path: Path, diagnostics: bool = False) -> bool:
+    """True when the run finished (ok, diverged, stalled) with every output asked for.
+
+    Failed or interrupted runs are not; nor is a finished run without the diagnostics.csv
+    that ``diagnostics`` asks for (rerunning it completes it).
+    """
     metrics = run_path / METRICS_FILE
+    if diagnostics and not (run_path / DIAGNOSTICS_FILE).is_file():
+        return False
     return metrics.is_file() and read_status(metrics) in DONE_STATUSES
 
 

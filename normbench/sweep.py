@@ -1,29 +1,32 @@
-"""``normbench sweep``: a Hydra multirun that skips what is done and survives failures.
+"""``normbench sweep``: plan a Hydra multirun, let Hydra launch it, and summarize it.
 
-The grid is expanded with Hydra's own parser and basic sweeper (comma lists, ``range()``,
-``choice()``, ``glob()``, ``hydra.sweeper.params`` from experiment files), and every job's
-config is composed and checked before anything runs. Hydra then launches the jobs:
-one after another, on its joblib launcher with ``--jobs N``, or on any launcher named by
-override (``hydra/launcher=submitit_slurm``). Each job writes its own results folder; the
-summary is read back from there, since Hydra drops job return values and skips its
-end-of-sweep callback when a job fails.
+Planning only composes and validates: with Hydra's basic sweeper the grid is expanded here
+(Hydra's own override parser: comma lists, ``range()``, ``choice()``, ``glob()``, and
+``hydra.sweeper.params`` from experiment files) and every cell is checked, so bad input
+anywhere exits before a job starts; no device is chosen, no data loaded, models are built on
+the ``meta`` device. Other sweepers (Optuna...) choose their jobs as they go: the fixed part
+of the config is checked and each job checks itself.
+
+Hydra then launches the jobs with its own sweeper, one after another, on its joblib launcher
+with ``--jobs N``, or on any launcher named by override (``hydra/launcher=submitit_slurm``).
+Each job skips itself when its results are complete and leaves a record (normbench.jobs);
+the summary is read from those records.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-import os
 import signal
 import threading
-import time
-import traceback
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -36,15 +39,15 @@ from rich.progress import (
 from rich.table import Table
 
 from normbench import results
-from normbench.app import compose_job, hydra_context, launch, search_path
-from normbench.config import validate
+from normbench.app import GROUPS, HydraArgs, compose_job, hydra_context, launch, parse_args
+from normbench.checks import check_run, check_setup
+from normbench.config import check_threads, usable_cores, validate
 from normbench.errors import ConfigError
+from normbench.jobs import read_job_records
 
-# Hydra flags a sweep accepts, and whether each takes a value.
-_VALUE_FLAGS = {"--config-dir": "--config-dir", "-cd": "--config-dir", "--package": "--package",
-                "-p": "--package"}  # fmt: skip
-# Flags that make Hydra print something instead of running: handed to Hydra as they are.
-_PRINT_FLAGS = {"--cfg", "-c", "--info", "-i", "--resolve", "--hydra-help"}
+# Launchers that run jobs on this machine: the cores checked are this machine's.
+_LOCAL_LAUNCHERS = ("basic", "joblib", "submitit_local")
+STATUSES = ("ok", "diverged", "stalled", "failed", "skipped", "missing")
 
 
 @dataclass
@@ -53,90 +56,128 @@ class Job:
     run_id: str
     path: Path
     done_before: bool  # complete results existed when the sweep was planned
+
+
+@dataclass
+class Plan:
+    """What a sweep will do. ``jobs`` is None when the sweeper chooses jobs as it goes."""
+
+    jobs: list[Job] | None
+    sweeper: str
+    launcher: str
+    results_dir: Path
     threads: int
+    notes: list[str] = field(default_factory=list)
 
 
-def split_args(args: Sequence[str]) -> tuple[list[str], list[str], str | None]:
-    """Separate Hydra overrides from Hydra flags; return (overrides, flags, config_dir)."""
-    overrides, flags, config_dir = [], [], None
-    items = iter(args)
-    for arg in items:
-        name, has_value, value = arg.partition("=")
-        if arg in _PRINT_FLAGS or name in _PRINT_FLAGS:
-            flags.append(arg)
-        elif name in _VALUE_FLAGS:
-            value = value if has_value else next(items, "")
-            flags += [name, value]
-            if _VALUE_FLAGS[name] == "--config-dir":
-                config_dir = value
-        elif arg.startswith("-"):
-            raise ConfigError(
-                f"unknown option {arg!r} for normbench sweep; Hydra flags it accepts: "
-                "--config-dir DIR, --package PKG, --cfg job|hydra|all, --info, --resolve"
-            )
-        else:
-            overrides.append(arg)
-    return overrides, flags, config_dir
+def plan_sweep(args: Sequence[str] | HydraArgs) -> Plan:
+    """Compose and check every job of the sweep; bad input raises ConfigError."""
+    hydra_args = args if isinstance(args, HydraArgs) else parse_args(args)
+    with hydra_context(hydra_args):
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.core.override_parser.overrides_parser import OverridesParser
 
-
-def plan_sweep(overrides: Sequence[str], config_dir: str | None = None) -> list[Job]:
-    """Expand the grid and check every job: bad input fails here, before any run.
-
-    Each job's config is composed and validated, and each distinct setup (everything but
-    ``lr`` and ``seed``) is built once: data loaded, model and optimizer made.
-    """
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    with hydra_context():
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-        parsed = parser.parse_overrides(list(overrides))
+        parsed = parser.parse_overrides(hydra_args.overrides)
         fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-        params = _sweeper_params(fixed, config_dir)  # experiment files' hydra.sweeper.params
-        swept = parser.parse_overrides([f"{k}={v}" for k, v in params.items()]) + parsed
-        jobs, setups = [], {}
-        for job_overrides in BasicSweeper.split_arguments(swept, None)[0]:
-            cfg, choices = compose_job(job_overrides, config_dir)
-            validate(cfg)
-            setups.setdefault(_setup_key(cfg), cfg)
-            run_id = results.run_id(cfg, choices)
-            path = Path(cfg.results_dir) / run_id
-            jobs.append(Job(job_overrides, run_id, path, results.is_complete(path), cfg.threads))
-    _check_setups(setups.values())
+        base, _ = compose_job(fixed, hydra_args, keep_hydra=True)
+        runtime = base.hydra.runtime.choices
+        plan = Plan(
+            None,
+            str(runtime["hydra/sweeper"]),
+            str(runtime["hydra/launcher"]),
+            Path(base.results_dir),
+            base.threads,
+        )
+        params = [f"{k}={v}" for k, v in (base.hydra.sweeper.get("params") or {}).items()]
+        if plan.sweeper != "basic":
+            with open_dict(base):
+                del base["hydra"]
+            check_run(base)
+            return plan
+        cells = _grid(parser.parse_overrides([*params, *hydra_args.overrides]))
+        plan.jobs = _check_cells(parser, cells, hydra_args)
+    return plan
+
+
+def _grid(parsed: list) -> list[list[str]]:
+    """The cartesian product of the overrides' values, a later key replacing an earlier one
+    (as Hydra's basic sweeper does with experiment params and the command line)."""
+    values: dict[str, list[str]] = {}
+    for override in parsed:
+        key = override.get_key_element()
+        if override.is_interval_sweep():
+            raise ConfigError(
+                f"{override.input_line}: interval() needs a sweeper that samples, such as "
+                "hydra/sweeper=optuna; the basic sweeper takes lists, range(), choice(), glob()"
+            )
+        if override.is_sweep_override():
+            values[key] = [f"{key}={v}" for v in override.sweep_string_iterator()]
+        else:
+            values[key] = [f"{key}={override.get_value_element_as_str()}"]
+    return [list(cell) for cell in itertools.product(*values.values())]
+
+
+def _check_cells(parser, cells: list[list[str]], hydra_args: HydraArgs) -> list[Job]:
+    """Compose every cell and check it: Hydra composes once per choice of config groups and
+    plain ``key=value`` overrides are applied to a copy (composing each cell would take
+    ~0.1 s); the data and model checks run once per distinct setup."""
+    composed: dict[tuple[str, ...], tuple[DictConfig, dict[str, str]]] = {}
+    checked: set[str] = set()
+    jobs = []
+    for cell in cells:
+        structural, scalars = [], []
+        for override in parser.parse_overrides(cell):
+            plain = not (override.is_add() or override.is_delete() or override.is_force_add())
+            group = override.key_or_group in GROUPS or "/" in override.key_or_group
+            (scalars if plain and not group else structural).append(override)
+        key = tuple(o.input_line for o in structural)
+        if key not in composed:
+            composed[key] = compose_job(list(key), hydra_args)
+        base, choices = composed[key]
+        cfg = base.copy()
+        for override in scalars:
+            _update(cfg, override)
+        validate(cfg)
+        setup = _setup_key(cfg)
+        if setup not in checked:
+            check_setup(cfg)
+            checked.add(setup)
+        run_id = results.run_id(cfg, choices)
+        path = Path(cfg.results_dir) / run_id
+        jobs.append(Job(cell, run_id, path, results.is_complete(path, cfg.diagnostics)))
     return jobs
 
 
-def distinct_runs(plan: list[Job]) -> list[Job]:
-    """One job per run id (``lr=0.1,1e-1`` names one run twice)."""
-    first: dict[str, Job] = {}
-    for job in plan:
-        first.setdefault(job.run_id, job)
-    return list(first.values())
+def _update(cfg: DictConfig, override) -> None:
+    """Apply one ``key=value`` override as Hydra would, errors as one line."""
+    from omegaconf.errors import OmegaConfBaseException
 
+    from normbench.config import unknown_key_message
 
-def _sweeper_params(fixed: list[str], config_dir: str | None) -> dict[str, str]:
-    from hydra import compose
-
-    overrides = [*search_path(config_dir), *fixed]
-    cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    return {str(k): str(v) for k, v in (cfg.hydra.sweeper.params or {}).items()}
+    key = override.key_or_group
+    parent = OmegaConf.select(cfg, key.rpartition(".")[0]) if "." in key else cfg
+    if parent is None or key.rpartition(".")[2] not in parent:
+        schema = OmegaConf.get_type(parent) if parent is not None else None
+        raise ConfigError(unknown_key_message(key, schema))
+    try:
+        OmegaConf.update(cfg, key, override.value(), merge=True)
+    except OmegaConfBaseException as error:
+        detail = str(error).strip().splitlines()[0]
+        raise ConfigError(f"{override.input_line}: {detail}") from None
 
 
 def _setup_key(cfg: DictConfig) -> str:
     flat = results.flat_config(cfg)
-    return json.dumps(
-        {**{k: v for k, v in flat.items() if k not in ("lr", "seed")}, "device": cfg.device},
-        sort_keys=True,
-    )
+    return json.dumps({k: v for k, v in flat.items() if k not in ("lr", "seed")}, sort_keys=True)
 
 
-def _check_setups(cfgs: Iterable[DictConfig]) -> None:
-    """Load each distinct setup's data and build its model, as a job would: ConfigError."""
-    from normbench.experiment import prepare
-
-    for cfg in cfgs:
-        prepare(cfg)
+def distinct_runs(jobs: list[Job]) -> list[Job]:
+    """One job per run id (``lr=0.1,1e-1`` names one run twice)."""
+    first: dict[str, Job] = {}
+    for job in jobs:
+        first.setdefault(job.run_id, job)
+    return list(first.values())
 
 
 def run_sweep(
@@ -146,49 +187,62 @@ def run_sweep(
     force: bool = False,
     console: Console | None = None,
 ) -> int:
-    """Plan, launch and summarize a sweep. Returns the number of failed jobs."""
+    """Plan, launch and summarize a sweep. Returns the number of failed or missing jobs."""
     console = console or Console()
-    overrides, flags, config_dir = split_args(args)
-    if any(flag.partition("=")[0] in _PRINT_FLAGS for flag in flags):
-        launch([*flags, *overrides])  # Hydra prints, nothing runs
+    hydra_args = parse_args(args)
+    if "--run" in hydra_args.options:
+        raise ConfigError("normbench sweep always runs a multirun; use normbench run for one")
+    if hydra_args.acts:
+        launch([*hydra_args.flags, *hydra_args.overrides], multirun=True)  # Hydra prints
         return 0
-    if jobs > 1 and any(o.split("=", 1)[0] == "hydra/launcher" for o in overrides):
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in hydra_args.overrides}
+    if jobs > 1 and "hydra/launcher" in keys:
         raise ConfigError(
             "--jobs runs jobs on the local joblib launcher; with hydra/launcher=... set that "
             "launcher's own parallelism instead"
         )
-    plan = plan_sweep(overrides, config_dir)
-    if len(distinct := distinct_runs(plan)) < len(plan):
-        console.print(f"{len(plan)} grid cells name {len(distinct)} distinct runs; each runs once.")
-        plan = distinct
+    plan = plan_sweep(hydra_args)
+    if plan.launcher in _LOCAL_LAUNCHERS:
+        check_cores(plan.threads, jobs)
+    if plan.jobs is not None and len(distinct := distinct_runs(plan.jobs)) < len(plan.jobs):
+        console.print(
+            f"{len(plan.jobs)} grid cells name {len(distinct)} distinct runs; each runs once."
+        )
     if dry_run:
         print_plan(plan, console)
         return 0
-    if jobs > 1:
-        check_cores(plan, jobs)
-    todo = [job for job in plan if force or not job.done_before]
-    if todo:
-        launch_args = [*flags, *overrides, *_job_settings(overrides, jobs, force)]
-        started = time.time()
-        with _terminate_as_interrupt(), _watch(todo, started, console):
-            launch(launch_args, multirun=True)
-    return print_summary(plan, force, console)
+    sweep_dir = plan.results_dir / ".sweeps" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+    # Hydra runs the whole grid; a complete job skips itself. Launch nothing when all are.
+    if force or plan.jobs is None or not all(job.done_before for job in plan.jobs):
+        settings = _job_settings(keys, jobs, force, sweep_dir)
+        total = None if plan.jobs is None else len(plan.jobs)
+        with _terminate_as_interrupt(), _watch(sweep_dir, total, console):
+            launch([*hydra_args.flags, *hydra_args.overrides, *settings], multirun=True)
+    return print_summary(plan, read_job_records(sweep_dir), console)
 
 
-def _job_settings(overrides: Sequence[str], jobs: int, force: bool) -> list[str]:
-    """Overrides every job gets: quiet, skip-if-done, and the launcher for ``--jobs``."""
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    settings = ["quiet=true", f"skip_done={str(not force).lower()}"]
+def _job_settings(keys: set[str], jobs: int, force: bool, sweep_dir: Path) -> list[str]:
+    """Overrides every job gets: quiet, skip-if-done, the sweep folder, and ``--jobs``."""
+    settings = [
+        "quiet=true",
+        f"skip_done={str(not force).lower()}",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]  # _is_setting() recognizes these
     if jobs > 1:
         settings += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
     return [s for s in settings if s.split("=", 1)[0] not in keys]
 
 
-def check_cores(plan: list[Job], jobs: int) -> None:
-    """Parallel jobs times torch threads per job must not exceed the cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
-    threads = max((job.threads for job in plan), default=1)
+def _is_setting(override: str) -> bool:
+    """Whether an override is one the sweep adds to every job (not the user's)."""
+    key = override.split("=", 1)[0]
+    return key in ("quiet", "skip_done") or key.startswith(("hydra.", "hydra/"))
+
+
+def check_cores(threads: int, jobs: int) -> None:
+    """Parallel jobs times torch threads per job must not exceed this machine's cores."""
+    check_threads(threads)
+    cores = usable_cores()
     if jobs * threads > cores:
         raise ConfigError(
             f"--jobs {jobs} x threads={threads} exceeds the {cores} CPU cores; "
@@ -196,67 +250,60 @@ def check_cores(plan: list[Job], jobs: int) -> None:
         )
 
 
-def run_job(cfg: DictConfig, choices: Mapping[str, str]) -> None:
-    """One sweep job (in whichever process the launcher chose): never raises.
-
-    A failure is recorded as status ``failed`` with its traceback, so the other jobs go on.
-    """
-    from normbench.experiment import record_failure, run_experiment
-
-    try:
-        run_experiment(cfg, choices)
-    except ConfigError as error:  # raised before run_experiment wrote anything
-        record_failure(cfg, choices, error, traceback.format_exc())
-    except Exception:  # noqa: S110 - run_experiment recorded it, with the epochs it finished
-        pass
-
-
-def job_status(job: Job, force: bool) -> str:
-    """ok | diverged | failed | skipped | missing (never ran, or was interrupted)."""
-    if job.done_before and not force:
-        return "skipped"
-    metrics = job.path / results.METRICS_FILE
-    if not metrics.is_file():
-        return "missing"
-    return results.read_status(metrics)
-
-
-def print_plan(plan: list[Job], console: Console) -> None:
+def print_plan(plan: Plan, console: Console) -> None:
     """``--dry-run``: the number of jobs and each job's overrides."""
-    table = Table(title=f"{len(plan)} jobs", title_justify="left")
+    if plan.jobs is None:
+        console.print(
+            f"The {plan.sweeper} sweeper chooses its jobs as it runs; the fixed part of the "
+            "config is valid. Dry run: nothing was run."
+        )
+        return
+    table = Table(title=f"{len(plan.jobs)} jobs", title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("overrides")
-    table.add_column("run_id", style="dim")
+    table.add_column("run_id", style="dim", overflow="fold")
     table.add_column("done", justify="center")
-    for index, job in enumerate(plan):
-        table.add_row(
-            str(index), " ".join(job.overrides), job.run_id, "yes" if job.done_before else ""
-        )
+    for index, job in enumerate(plan.jobs):
+        done = "yes" if job.done_before else ""
+        table.add_row(str(index), " ".join(job.overrides), job.run_id, done)
     console.print(table)
-    console.print(f"{len(plan)} jobs; dry run: nothing was run.")
+    console.print(
+        f"{len(plan.jobs)} jobs on the {plan.launcher} launcher; dry run: nothing was run."
+    )
 
 
-def print_summary(plan: list[Job], force: bool, console: Console) -> int:
-    """Counts per status and the failed jobs' overrides; returns the number failed."""
-    statuses = [job_status(job, force) for job in plan]
-    counts = Counter(statuses)
-    table = Table(title=f"sweep: {len(plan)} jobs", title_justify="left")
-    for status in ("ok", "diverged", "failed", "skipped", "missing"):
+def print_summary(plan: Plan, records: list[dict], console: Console) -> int:
+    """Counts per status, from the jobs' records; returns the number failed or missing.
+
+    Planned jobs without a record (interrupted, or never launched because every job was
+    complete) are counted as skipped when complete, else missing.
+    """
+    by_run = {record["run_id"]: record for record in records}
+    rows = list(records)
+    for job in distinct_runs(plan.jobs or []):
+        if job.run_id not in by_run:
+            complete = results.is_complete(job.path)
+            status = "skipped" if job.done_before and complete else "missing"
+            rows.append({"overrides": job.overrides, "run_id": job.run_id, "status": status})
+    counts = Counter(row["status"] for row in rows)
+    table = Table(title=f"sweep: {len(rows)} jobs", title_justify="left")
+    for status in STATUSES:
         table.add_column(status, justify="right")
-    table.add_row(*(str(counts[s]) for s in ("ok", "diverged", "failed", "skipped", "missing")))
+    table.add_row(*(str(counts[s]) for s in STATUSES))
     console.print(table)
-    for job, status in zip(plan, statuses, strict=True):
-        if status in ("failed", "missing"):
-            error = results.read_error(job.path) if status == "failed" else "did not finish"
-            console.print(f"[red]{status}[/] {' '.join(job.overrides)}: {error}", highlight=False)
+    for row in rows:
+        if row["status"] in ("failed", "missing"):
+            error = row.get("error") or "did not finish"
+            overrides = " ".join(o for o in row["overrides"] if not _is_setting(o))
+            console.print(f"[red]{row['status']}[/] {overrides}: {error}", highlight=False)
     if counts["missing"]:
         console.print("Rerun the same command to finish the missing jobs.")
     return counts["failed"] + counts["missing"]
 
 
 @contextmanager
-def _watch(todo: list[Job], started: float, console: Console) -> Iterator[None]:
-    """Jobs done / total with an ETA, from the results folder (works for every launcher)."""
+def _watch(sweep_dir: Path, total: int | None, console: Console) -> Iterator[None]:
+    """Jobs ended / total with an ETA, from the jobs' records (works for every launcher)."""
     stop = threading.Event()
     progress = Progress(
         TextColumn("[bold]sweep"),
@@ -267,11 +314,14 @@ def _watch(todo: list[Job], started: float, console: Console) -> Iterator[None]:
         TimeRemainingColumn(),
         console=Console(stderr=True),
     )
-    task = progress.add_task("sweep", total=len(todo))
+    task = progress.add_task("sweep", total=total)
+
+    def ended() -> int:
+        return len(list(sweep_dir.glob("*/job.json")))
 
     def poll() -> None:
         while not stop.wait(0.5):
-            progress.update(task, completed=sum(_finished_since(job, started) for job in todo))
+            progress.update(task, completed=ended())
 
     thread = threading.Thread(target=poll, daemon=True)
     with progress:
@@ -281,15 +331,7 @@ def _watch(todo: list[Job], started: float, console: Console) -> Iterator[None]:
         finally:
             stop.set()
             thread.join()
-            progress.update(task, completed=sum(_finished_since(job, started) for job in todo))
-
-
-def _finished_since(job: Job, started: float) -> bool:
-    metrics = job.path / results.METRICS_FILE
-    try:
-        return metrics.stat().st_mtime >= started - 1
-    except FileNotFoundError:
-        return False
+            progress.update(task, completed=ended())
 
 
 @contextmanager

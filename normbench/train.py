@@ -10,13 +10,13 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import MISSING
 from torch import nn
 
 from normbench import norms
-from normbench.config import OptimizerConfig
 from normbench.errors import ConfigError, choices_error
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
@@ -51,10 +51,55 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(
-    model: nn.Module, cfg: OptimizerConfig | DictConfig, lr: float
-) -> torch.optim.Optimizer:
+@dataclass
+class AdamSettings:
+    """An optimizer's schema (Adam's); defaults live in configs/optimizer/*.yaml."""
+
+    name: str = MISSING
+    weight_decay: float = MISSING
+    norm_weight_decay: bool = MISSING  # apply weight decay to norm parameters too
+    scheduler: str | None = MISSING  # "plateau": ReduceLROnPlateau on the validation loss
+    plateau_patience: int = MISSING
+    plateau_factor: float = MISSING
+
+
+@dataclass
+class SGDSettings(AdamSettings):
+    momentum: float = MISSING
+
+
+_OPTIMIZERS: dict[str, type] = {"sgd": SGDSettings, "adam": AdamSettings}
+_SCHEDULERS = ("plateau", "null")
+
+
+def optimizer_schemas() -> dict[str, type]:
+    """The schema of each optimizer's config node, by optimizer name."""
+    return dict(_OPTIMIZERS)
+
+
+def check_optimizer(cfg: Any) -> None:
+    """Settings in range; raises ConfigError."""
+    if cfg.name not in _OPTIMIZERS:
+        raise choices_error("optimizer", cfg.name, list(_OPTIMIZERS))
+    if cfg.scheduler is not None and cfg.scheduler != "plateau":
+        raise choices_error("optimizer.scheduler", cfg.scheduler, _SCHEDULERS)
+    checks = [
+        (cfg.get("momentum", 0) >= 0, "optimizer.momentum must be >= 0"),
+        (cfg.weight_decay >= 0, "optimizer.weight_decay must be >= 0"),
+        (
+            0 < cfg.plateau_factor < 1,
+            f"optimizer.plateau_factor must be in (0, 1); got {cfg.plateau_factor}",
+        ),
+        (cfg.plateau_patience >= 0, "optimizer.plateau_patience must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def make_optimizer(model: nn.Module, cfg: Any, lr: float) -> torch.optim.Optimizer:
     """SGD or Adam; norm parameters get no weight decay unless ``cfg.norm_weight_decay``."""
+    check_optimizer(cfg)
     if cfg.weight_decay and not cfg.norm_weight_decay:
         skip = norms.norm_parameters(model)
         decay = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
@@ -72,19 +117,15 @@ def make_optimizer(
         ]
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum)
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    raise choices_error("optimizer", cfg.name, ["sgd", "adam"])
+    return torch.optim.Adam(params, lr=lr)
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimizerConfig | DictConfig
+    optimizer: torch.optim.Optimizer, cfg: Any
 ) -> torch.optim.lr_scheduler.ReduceLROnPlateau | None:
     """ReduceLROnPlateau on the validation loss (document 004), or None."""
     if cfg.scheduler is None:
         return None
-    if cfg.scheduler != "plateau":
-        raise choices_error("optimizer.scheduler", cfg.scheduler, ["plateau", "null"])
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, "min", patience=cfg.plateau_patience, factor=cfg.plateau_factor
     )

@@ -1,0 +1,51 @@
+"""Everything checked before a run trains, without loading data or choosing a device.
+
+``check_run`` is what sweep planning calls for every job and what a run calls first: the
+schema (``config.validate``), the dataset's settings and files (not their contents), and the
+model built on the ``meta`` device, so shapes, group counts and norm placement are checked
+with no real weights. Bad input raises ConfigError.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from normbench.config import validate
+from normbench.datasets import DataInfo, describe_dataset
+from normbench.errors import ConfigError
+from normbench.models import build_model
+from normbench.norms import freeze_batch_norms, get_norm_spec, is_frozen
+
+
+def check_run(cfg: DictConfig) -> DataInfo:
+    """Raise ConfigError for anything that would make this run fail as bad input.
+
+    Returns what the data will look like, so callers need not describe it again.
+    """
+    validate(cfg)
+    return check_setup(cfg)
+
+
+def check_setup(cfg: DictConfig) -> DataInfo:
+    """The checks beyond the schema (on a validated config): data settings and files, the
+    batch size against the data and the norm, the model's shapes on the meta device."""
+    data = describe_dataset(cfg.dataset)
+    if cfg.batch_size > data.train_examples:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} exceeds the {data.train_examples} training examples"
+        )
+    if cfg.batch_size < 2 and get_norm_spec(cfg.norm.name).batch_stats and not is_frozen(cfg.norm):
+        raise ConfigError(
+            f"norm {cfg.norm.name!r} normalizes over the batch: batch_size must be at least 2"
+        )
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs)
+        if is_frozen(cfg.norm):
+            freeze_batch_norms(model)
+        try:  # one training step's forward pass, on shapes only
+            model(torch.empty(cfg.batch_size, *data.input_shape))
+        except (RuntimeError, ValueError) as error:
+            message = " ".join(str(error).split())
+            raise ConfigError(f"model {cfg.model.name!r} cannot run on this data: {message}") from None
+    return data
