@@ -15,7 +15,7 @@ from normbench.config import validate
 from normbench.datasets import DataInfo, describe_dataset
 from normbench.errors import ConfigError
 from normbench.models import build_model
-from normbench.norms import freeze_batch_norms, get_norm_spec, is_frozen
+from normbench.norms import get_norm_spec, is_frozen
 
 
 def check_run(cfg: DictConfig) -> DataInfo:
@@ -40,10 +40,8 @@ def check_setup(cfg: DictConfig) -> DataInfo:
             f"norm {cfg.norm.name!r} normalizes over the batch: batch_size must be at least 2"
         )
     with torch.device("meta"):
-        model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs)
-        if is_frozen(cfg.norm):
-            freeze_batch_norms(model)
-        try:  # one training step's forward pass, on shapes only
+        model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs).eval()
+        try:  # a forward pass on shapes only (eval mode: meta tensors have no running count)
             model(torch.empty(cfg.batch_size, *data.input_shape))
         except (RuntimeError, ValueError) as error:
             message = " ".join(str(error).split())

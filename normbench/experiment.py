@@ -199,23 +199,16 @@ def _train(
     if data.test is not None:
         test = _to(data.test, setup.device)
         rows[-1]["test_loss"], rows[-1]["test_acc"] = evaluate(model, loss_fn, test)
-    return "stalled" if stalled(rows[-1]["train_loss"], train[1], cfg.stall_margin) else "ok"
+    baseline = constant_loss(data.num_outputs, train[1])
+    return "stalled" if rows[-1]["train_loss"] > (1 - cfg.stall_margin) * baseline else "ok"
 
 
-def constant_loss(targets: torch.Tensor) -> float:
-    """The training loss of the best constant predictor: the entropy of the class frequencies
-    (ln C for C balanced classes) for cross-entropy, the targets' variance for squared error."""
+def constant_loss(num_outputs: int, targets: torch.Tensor) -> float:
+    """The loss of a constant predictor, which a run must clearly beat to count as learning:
+    ln C for C classes (uniform predictions), the targets' variance for regression."""
     if targets.dtype == torch.int64:
-        freq = torch.bincount(targets).double() / len(targets)
-        freq = freq[freq > 0]
-        return float(-(freq * freq.log()).sum())
+        return math.log(num_outputs)
     return float(targets.double().var(correction=0))
-
-
-def stalled(train_loss: float, targets: torch.Tensor, margin: float) -> bool:
-    """Whether a finished run did not learn: its final training loss is not at least
-    ``margin`` (a fraction) below the best constant predictor's."""
-    return train_loss > (1 - margin) * constant_loss(targets)
 
 
 def _write(

@@ -50,8 +50,12 @@ class GroupNormSettings(LayerNormSettings):
 
 
 @dataclass
-class InstanceNormSettings(LayerNormSettings):
+class _MovingAverageSettings(LayerNormSettings):
     momentum: float | None = MISSING  # None: cumulative average
+
+
+@dataclass
+class InstanceNormSettings(_MovingAverageSettings):
     track_running_stats: bool = MISSING
 
 
@@ -61,7 +65,9 @@ class BatchNormSettings(InstanceNormSettings):
 
 
 @dataclass
-class BatchRenormSettings(BatchNormSettings):
+class BatchRenormSettings(_MovingAverageSettings):
+    freeze: bool = MISSING
+    # Its moving statistics are always tracked: r and d are computed from them.
     # Ioffe 2017: plain BN for warmup_steps, then rmax and dmax ramp up linearly
     rmax: float = MISSING
     dmax: float = MISSING
@@ -167,11 +173,6 @@ def _check_group(cfg: Any) -> None:
 
 def _check_batch_renorm(cfg: Any) -> None:
     _check_running(cfg)
-    if not cfg.track_running_stats:
-        raise ConfigError(
-            "norm 'batch_renorm' computes r and d from its moving statistics; "
-            "norm.track_running_stats must be true"
-        )
     if cfg.rmax < 1 or cfg.dmax < 0:
         raise ConfigError(f"norm.rmax must be >= 1 and norm.dmax >= 0; got {cfg.rmax}, {cfg.dmax}")
     if min(cfg.warmup_steps, cfg.rmax_ramp_steps, cfg.dmax_ramp_steps) < 0:

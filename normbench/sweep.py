@@ -22,7 +22,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -67,7 +67,7 @@ class Plan:
     launcher: str
     results_dir: Path
     threads: int
-    notes: list[str] = field(default_factory=list)
+    cells: int = 0  # grid cells Hydra will launch (repeats of one run included)
 
 
 def plan_sweep(args: Sequence[str] | HydraArgs) -> Plan:
@@ -97,6 +97,7 @@ def plan_sweep(args: Sequence[str] | HydraArgs) -> Plan:
             return plan
         cells = _grid(parser.parse_overrides([*params, *hydra_args.overrides]))
         plan.jobs = _check_cells(parser, cells, hydra_args)
+        plan.cells = len(cells)
     return plan
 
 
@@ -208,6 +209,7 @@ def run_sweep(
         console.print(
             f"{len(plan.jobs)} grid cells name {len(distinct)} distinct runs; each runs once."
         )
+        plan.jobs = distinct  # the repeats skip themselves: the first one ran them
     if dry_run:
         print_plan(plan, console)
         return 0
@@ -215,7 +217,7 @@ def run_sweep(
     # Hydra runs the whole grid; a complete job skips itself. Launch nothing when all are.
     if force or plan.jobs is None or not all(job.done_before for job in plan.jobs):
         settings = _job_settings(keys, jobs, force, sweep_dir)
-        total = None if plan.jobs is None else len(plan.jobs)
+        total = None if plan.jobs is None else plan.cells
         with _terminate_as_interrupt(), _watch(sweep_dir, total, console):
             launch([*hydra_args.flags, *hydra_args.overrides, *settings], multirun=True)
     return print_summary(plan, read_job_records(sweep_dir), console)

@@ -10,11 +10,13 @@ import pytest
 TINY = [
     "epochs=1",
     "quiet=true",
-    "dataset.train_size=240",
-    "dataset.test_size=60",
     "dataset.limit=240",
     "model.hidden=[32,16]",
+    "stall_margin=0.0",  # one short epoch learns little: it only has to beat chance
 ]
+
+# A user's model: it extends a packaged option (its schema and defaults) and changes a setting.
+USER_MODEL = "defaults:\n  - /model/mlp@_here_\n  - _self_\n\nhidden: [8]\n"
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from normbench import results
 from normbench.cli import app
+from tests.conftest import USER_MODEL
 from tests.fake_datasets import write_fake_mnist
 
 runner = CliRunner()
@@ -67,11 +68,15 @@ def test_exploding_run_ends_diverged_with_exit_0(tiny: list[str], results_dir: P
     assert results.read_status(run_dir / results.METRICS_FILE) == "diverged"
 
 
-def test_runtime_failure_is_recorded_and_exits_1(tiny: list[str], results_dir: Path) -> None:
-    # BatchNorm in training cannot normalize a batch of one example.
-    result = invoke("run", "norm=batch", "batch_size=1", *tiny)
+def test_runtime_failure_is_recorded_and_exits_1(
+    tiny: list[str], results_dir: Path, tmp_path: Path
+) -> None:
+    # MNIST files that exist (so the config is valid) but are truncated: found when loading.
+    images = write_fake_mnist(tmp_path) / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:100])
+    result = invoke("run", "dataset=mnist", f"dataset.root={tmp_path}", *tiny)
     assert result.exit_code == 1
-    assert "Expected more than 1 value per channel" in result.stderr
+    assert "corrupt or incomplete files" in result.stderr
     (run_dir,) = results_dir.iterdir()
     assert results.read_status(run_dir / results.METRICS_FILE) == "failed"
     assert "Traceback" in (run_dir / results.ERROR_FILE).read_text()
@@ -81,11 +86,20 @@ def test_runtime_failure_is_recorded_and_exits_1(tiny: list[str], results_dir: P
     ("overrides", "expected"),
     [
         (["norm=batchh"], "choose from: batch,"),
+        (["norm=batch", "batch_size=1"], "batch_size must be at least 2"),
+        (["norm=batch", "norm.num_groups=4"], "the chosen norm reads: norm.name, norm.eps"),
+        (["optimizer=adam", "optimizer.momentum=0.9"], "the chosen optimizer reads"),
+        (["dataset=digits", "dataset.noise=2"], "the chosen dataset reads"),
+        (["model.hidden=[]"], "norm 'batch' normalizes nothing in model 'mlp'"),
+        (["experiment=nope"], "unknown experiment 'nope'; choose from: batch_size"),
+        (["threads=999"], "threads must be between 1 and the"),
+        ([f"norm={'x' * 10000}"], "the limit is 1000"),
+        (["norm=батч"], "non-ASCII character"),
         (["lr=abc"], "lr=abc"),
         (["foo=1"], "unknown config key 'foo'; valid keys: model, norm"),
         (["+foo=1"], "unknown config key 'foo'"),  # + adds keys even to a typed config
         (["~lr"], "config key 'lr' is required"),
-        (["model.foo=1"], "valid keys: model.name"),
+        (["model.foo=1"], "the chosen model reads: model.name"),
         (["hydra.job.foo=1"], "unknown config key 'hydra.job.foo'"),
         (["lr=inf"], "lr must be a finite number"),
         (["norm.eps=nan"], "norm.eps must be a finite number"),
@@ -95,7 +109,7 @@ def test_runtime_failure_is_recorded_and_exits_1(tiny: list[str], results_dir: P
         (["model=lenet", "norm=group", "norm.num_groups=7"], "divisor of 20"),
         (["model=mlp", "norm=instance"], "needs CNN feature maps"),
         (["model.activation=swish"], "choose from: relu"),
-        (["dataset=cifar10"], "cifar-10-batches-py; set dataset.download=true"),
+        (["dataset=cifar10", "dataset.root=/nowhere"], "cifar-10-batches-py; set dataset.down"),
         (["model=convnet", "dataset.shape=[10]"], "need images"),
         (["device=tpu"], "choose from: auto, cpu, cuda, mps"),
         (["-m", "norm=batch,none"], "use normbench sweep for grids"),
@@ -104,7 +118,7 @@ def test_runtime_failure_is_recorded_and_exits_1(tiny: list[str], results_dir: P
 def test_bad_input_is_one_line_exit_2_nothing_written(
     overrides: list[str], expected: str, tiny: list[str], results_dir: Path, tmp_path: Path
 ) -> None:
-    result = invoke("run", *tiny, *overrides, f"dataset.root={tmp_path / 'empty'}")
+    result = invoke("run", *tiny, *overrides)
     assert result.exit_code == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert expected in result.stderr
@@ -144,7 +158,7 @@ def test_cfg_job_prints_resolved_config(tiny: list[str], results_dir: Path) -> N
 def test_config_dir_adds_user_configs(tiny: list[str], tmp_path: Path) -> None:
     user = tmp_path / "user_configs"
     (user / "model").mkdir(parents=True)
-    (user / "model" / "tiny_mlp.yaml").write_text("name: mlp\nhidden: [8]\n")
+    (user / "model" / "tiny_mlp.yaml").write_text(USER_MODEL)
     result = invoke("run", "--config-dir", str(user), "model=tiny_mlp", *tiny)
     assert result.exit_code == 0, result.stderr
     assert "tiny_mlp-batch-toy" in result.stdout

@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 import pickle
+from functools import cache
 from importlib.resources import files
 
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
-
-from normbench.config import DatasetConfig
-from normbench.datasets import DataSplits, dataset_names, load_dataset
+from normbench.app import compose_config
+from normbench.datasets import DataError, DataSplits, dataset_names, load_dataset
 from normbench.errors import ConfigError
 from tests.fake_datasets import trust_fake_cifar10, write_fake_cifar10, write_fake_mnist
 
 CONFIGS = files("normbench.configs") / "dataset"
 
 
-def dataset_cfg(name: str, /, **overrides):
-    """The schema merged with configs/dataset/<name>.yaml and overrides, as Hydra composes it."""
-    yaml = OmegaConf.load(str(CONFIGS / f"{name}.yaml"))
-    return OmegaConf.merge(OmegaConf.structured(DatasetConfig), yaml, overrides)
+@cache
+def _composed(name: str):
+    return compose_config([f"dataset={name}"])[0].dataset
+
+
+def dataset_cfg(name: str = "toy", /, **overrides):
+    """configs/dataset/<name>.yaml on its schema, as Hydra composes it, with ``overrides``."""
+    cfg = _composed(name).copy()
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
 
 
 def assert_splits(data: DataSplits, n_train: int, n_val: int, n_test: int | None) -> None:
@@ -53,14 +59,14 @@ def test_toy_default_is_image_classification():
 
 
 def test_toy_document_000_regression():
-    cfg = DatasetConfig(task="regression", shape=[10], train_size=100, test_size=20)
+    cfg = dataset_cfg("toy", task="regression", shape=[10], train_size=100, test_size=20)
     data = load_dataset(cfg, seed=0)
     assert (data.task, data.num_outputs, data.input_shape) == ("regression", 1, (10,))
     assert_splits(data, 90, 10, 20)
 
 
 def test_toy_without_test_split():
-    assert load_dataset(DatasetConfig(test_size=0), seed=0).test is None
+    assert load_dataset(dataset_cfg("toy", test_size=0), seed=0).test is None
 
 
 def test_toy_is_deterministic_per_seed():
@@ -77,7 +83,7 @@ def test_toy_is_deterministic_per_seed():
 
 
 def test_toy_classification_is_learnable_but_not_trivial():
-    data = load_dataset(DatasetConfig(), seed=0)
+    data = load_dataset(dataset_cfg(), seed=0)
     x, y = data.train[0].flatten(1), data.train[1]
     class_means = torch.stack([x[y == k].mean(0) for k in range(data.num_outputs)])
     predicted = torch.cdist(data.test[0].flatten(1), class_means).argmin(1)
@@ -86,7 +92,7 @@ def test_toy_classification_is_learnable_but_not_trivial():
 
 
 def test_toy_regression_is_learnable():
-    data = load_dataset(DatasetConfig(task="regression", shape=[10]), seed=0)
+    data = load_dataset(dataset_cfg("toy", task="regression", shape=[10]), seed=0)
 
     def with_bias(x):
         return torch.cat([x, torch.ones(len(x), 1)], dim=1)
@@ -125,14 +131,14 @@ def test_standardize_uses_training_statistics_only():
 
 
 def test_standardize_is_per_feature_for_vectors():
-    data = load_dataset(DatasetConfig(shape=[10]), seed=0)
+    data = load_dataset(dataset_cfg("toy", shape=[10]), seed=0)
     torch.testing.assert_close(data.train[0].mean(0), torch.zeros(10), atol=1e-5, rtol=0)
     torch.testing.assert_close(data.train[0].std(0, correction=0), torch.ones(10))
 
 
 def test_minmax_maps_training_range_to_unit_interval():
-    raw = load_dataset(DatasetConfig(shape=[5], preprocess="none"), seed=0)
-    data = load_dataset(DatasetConfig(shape=[5], preprocess="minmax"), seed=0)
+    raw = load_dataset(dataset_cfg("toy", shape=[5], preprocess="none"), seed=0)
+    data = load_dataset(dataset_cfg("toy", shape=[5], preprocess="minmax"), seed=0)
     torch.testing.assert_close(data.train[0].amin(0), torch.zeros(5))
     torch.testing.assert_close(data.train[0].amax(0), torch.ones(5))
     low, high = raw.train[0].amin(0), raw.train[0].amax(0)
@@ -148,7 +154,7 @@ def test_constant_inputs_do_not_divide_by_zero(tmp_path):
 
 
 def test_limit_keeps_at_most_limit_training_examples():
-    a, b = (load_dataset(DatasetConfig(limit=50), seed=s) for s in (0, 1))
+    a, b = (load_dataset(dataset_cfg("toy", limit=50), seed=s) for s in (0, 1))
     assert_splits(a, 45, 5, 500)
     assert not torch.equal(a.train[1], b.train[1])
 
@@ -221,7 +227,7 @@ def test_missing_files_name_the_folder_and_the_fix(tmp_path, name, folder):
 def test_corrupt_mnist_file(tmp_path, corrupt):
     images = write_fake_mnist(tmp_path) / "train-images-idx3-ubyte"
     images.write_bytes(corrupt(images.read_bytes()))
-    with pytest.raises(ConfigError, match="corrupt or incomplete files in .*MNIST/raw"):
+    with pytest.raises(DataError, match="corrupt or incomplete files in .*MNIST/raw"):
         load_dataset(dataset_cfg("mnist", root=str(tmp_path)), seed=0)
 
 
@@ -229,7 +235,7 @@ def test_mnist_labels_not_matching_images(tmp_path):
     labels = write_fake_mnist(tmp_path, n_train=30) / "train-labels-idx1-ubyte"
     write_fake_mnist(tmp_path / "other", n_train=20)
     labels.write_bytes((tmp_path / "other/MNIST/raw/train-labels-idx1-ubyte").read_bytes())
-    with pytest.raises(ConfigError, match="30 images but 20 labels"):
+    with pytest.raises(DataError, match="30 images but 20 labels"):
         load_dataset(dataset_cfg("mnist", root=str(tmp_path)), seed=0)
 
 
@@ -237,7 +243,7 @@ def test_cifar10_file_changed_after_download_fails_its_checksum(tmp_path, monkey
     folder = write_fake_cifar10(tmp_path)
     trust_fake_cifar10(monkeypatch, tmp_path)
     (folder / "data_batch_3").write_bytes(b"garbage")
-    with pytest.raises(ConfigError, match="corrupt or incomplete files in .*cifar-10-batches-py"):
+    with pytest.raises(DataError, match="corrupt or incomplete files in .*cifar-10-batches-py"):
         load_dataset(dataset_cfg("cifar10", root=str(tmp_path)), seed=0)
 
 
@@ -245,7 +251,7 @@ def test_cifar10_unreadable_pickle(tmp_path, monkeypatch):
     batch = write_fake_cifar10(tmp_path) / "test_batch"
     batch.write_bytes(batch.read_bytes()[:100])  # truncated, with a matching checksum
     trust_fake_cifar10(monkeypatch, tmp_path)
-    with pytest.raises(ConfigError, match="corrupt or incomplete"):
+    with pytest.raises(DataError, match="corrupt or incomplete"):
         load_dataset(dataset_cfg("cifar10", root=str(tmp_path)), seed=0)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import pandas as pd
@@ -39,9 +41,10 @@ def test_every_model_and_norm_runs(model: str, norm: str, dataset: str, tiny: li
             run(overrides)
         return
     result = run(overrides)
-    assert result.status == "ok"
+    assert result.status in ("ok", "stalled")  # one tiny epoch need not beat chance
     row = result.rows[-1]
     assert 0.0 <= row["val_acc"] <= 1.0 and row["grad_norm"] > 0
+    assert math.isfinite(row["train_loss"]) and math.isfinite(row["test_loss"])
 
 
 def test_same_config_and_seed_give_identical_metrics(tiny: list[str], tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Every norm against its formula written out here, plus PyTorch's batch-norm semantics."""
 
 from dataclasses import fields
+from functools import cache
 from importlib.resources import files
 
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 from torch.autograd import gradcheck
 
 from normbench import norms
-from normbench.config import NORM_SETTINGS, NormConfig
+from normbench.app import compose_config
 from normbench.errors import ConfigError
 from normbench.reference_batchnorm import BatchNormFunction
 
@@ -26,10 +27,17 @@ def seed():
     torch.manual_seed(0)
 
 
+@cache
+def _composed(name: str):
+    return compose_config([f"norm={name}"])[0].norm
+
+
 def norm_cfg(name: str, **overrides):
-    """configs/norm/<name>.yaml on the typed schema, as Hydra composes it."""
-    yaml = OmegaConf.load(NORM_CONFIGS / f"{name}.yaml")
-    return OmegaConf.merge(OmegaConf.structured(NormConfig), yaml, overrides)
+    """configs/norm/<name>.yaml on its schema, as Hydra composes it, with ``overrides``."""
+    cfg = _composed(name).copy()
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
 
 
 def build(name: str, spatial: bool, **overrides) -> nn.Module:
@@ -87,7 +95,7 @@ FORMULAS = {
     "instance": lambda x, m: group_formula(x, m, x.shape[1]),
     "group": lambda x, m: group_formula(x, m, m.num_groups),
 }
-CASES = [(n, s) for n in FORMULAS for s in (False, True) if s or not norms.norm_is_spatial_only(n)]
+CASES = [(n, s) for n in FORMULAS for s in (False, True) if s or not norms.get_norm_spec(n).spatial_only]
 
 
 def assert_same_forward_and_backward(y, expected, inputs):
@@ -158,7 +166,8 @@ def outputs_and_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> li
 @pytest.mark.parametrize("name", ["reference_batch", "batch_renorm"])
 def test_matches_torch_batch_norm_in_float64(name, spatial):
     # rmax=1, dmax=0 past the warm-up: batch renorm must be plain batch norm.
-    ours = build(name, spatial, momentum=0.1, rmax=1.0, dmax=0.0, warmup_steps=0)
+    plain = dict(rmax=1.0, dmax=0.0, warmup_steps=0) if name == "batch_renorm" else {}
+    ours = build(name, spatial, momentum=0.1, **plain)
     theirs = build("batch", spatial)
     theirs.load_state_dict(ours.state_dict(), strict=False)  # the same gamma and beta
     modes = [True, True, True] + ([False] if name == "reference_batch" else [])
@@ -248,36 +257,34 @@ def test_removes_bias_means_a_per_channel_shift_cancels(name):
     x = randn(*SHAPES[True])
     shifted = x + per_channel(torch.linspace(-2, 2, C, dtype=f64), x)
     cancels = torch.allclose(module(x), module(shifted))
-    assert cancels == norms.norm_removes_bias(name)
+    assert cancels == norms.get_norm_spec(name).removes_bias
 
 
 @pytest.mark.parametrize(
     "name, spatial, overrides, message",
     [
-        ("batchh", True, {}, "choose from: " + ", ".join(norms.norm_names())),
         ("instance", False, {}, "an MLP has none"),
-        ("instance", True, {"momentum": None}, "norm.momentum"),
-        ("layer", True, {"freeze": True}, "norm.freeze"),
-        ("batch_renorm", True, {"track_running_stats": False}, "track_running_stats"),
+        ("instance", True, {"momentum": None, "track_running_stats": True}, "norm.momentum"),
         ("batch", True, {"momentum": 2.0}, "norm.momentum"),
         ("batch", True, {"eps": 0.0}, "norm.eps"),
     ],
 )
 def test_bad_settings_are_config_errors(name, spatial, overrides, message):
     with pytest.raises(ConfigError, match=message):
-        norms.get_norm_layer(NormConfig(name=name, **overrides), spatial)
+        norms.get_norm_layer(norm_cfg(name, **overrides), spatial)
 
 
 def test_group_norm_names_channels_and_divisors():
-    factory = norms.get_norm_layer(NormConfig(name="group", num_groups=7), spatial=True)
+    factory = norms.get_norm_layer(norm_cfg("group", num_groups=7), spatial=True)
     with pytest.raises(ConfigError, match=r"num_groups=7 .* 20 channels.*1, 2, 4, 5, 10, 20$"):
         factory(20)
 
 
 def test_norm_flags():
-    assert [n for n in norms.norm_names() if norms.norm_is_spatial_only(n)] == ["instance"]
-    with pytest.raises(ConfigError, match="unknown norm"):
-        norms.norm_removes_bias("batchh")
+    spatial_only = [n for n in norms.norm_names() if norms.get_norm_spec(n).spatial_only]
+    assert spatial_only == ["instance"]
+    with pytest.raises(ConfigError, match="unknown norm 'batchh'; choose from: none, batch"):
+        norms.get_norm_spec("batchh")
 
 
 @pytest.mark.parametrize("name", BATCH_LIKE)
@@ -314,18 +321,19 @@ def test_norm_parameters_are_the_norm_layers_parameters():
 @pytest.mark.parametrize("path", sorted(NORM_CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_norm_config_files_compose_and_build(path):
     assert path.read_text().startswith("# ")
-    cfg = OmegaConf.merge(OmegaConf.structured(NormConfig), OmegaConf.load(path))
+    cfg = norm_cfg(path.stem)
+    assert OmegaConf.get_type(cfg) is norms.get_norm_spec(cfg.name).settings
     factory = norms.get_norm_layer(cfg, spatial=True)
     assert factory is None if cfg.name == "none" else isinstance(factory(C), nn.Module)
 
 
+_FLAGS = ("affine", "track_running_stats")
 _ALTERNATIVES = {
     "eps": 1e-3,
     "momentum": 0.3,
-    "affine": False,
-    "track_running_stats": False,
-    "num_groups": 4,
-    "freeze": True,
+    "affine": None,  # flipped
+    "track_running_stats": None,
+    "num_groups": 3,
     "rmax": 2.0,
     "dmax": 1.0,
     "warmup_steps": 0,
@@ -334,26 +342,29 @@ _ALTERNATIVES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(NORM_SETTINGS))
-def test_settings_a_norm_does_not_read_change_nothing(name: str) -> None:
-    """NORM_SETTINGS leaves the other fields out of a run's identity: they must not matter."""
-    assert set(_ALTERNATIVES) == {f.name for f in fields(NormConfig)} - {"name"}
-    x = torch.randn(8, 8, 4, 4)
-    for field_name, value in _ALTERNATIVES.items():
-        if field_name in NORM_SETTINGS[name]:
-            continue
-        for spatial in (True, False):
-            outputs = []
-            for cfg in (norm_cfg(name), norm_cfg(name, **{field_name: value})):
-                try:
-                    factory = norms.get_norm_layer(cfg, spatial)
-                except ConfigError:
-                    outputs.append("error")  # refused outright: it cannot change a run silently
-                    continue
-                torch.manual_seed(0)
-                layer = factory(8) if factory else torch.nn.Identity()
-                outputs.append((repr(layer), layer(x if spatial else x[:, :, 0, 0])))
-            if "error" in outputs:
-                continue
-            (repr_a, out_a), (repr_b, out_b) = outputs
-            assert repr_a == repr_b and torch.equal(out_a, out_b), (field_name, spatial)
+@pytest.mark.parametrize("name", [n for n in norms.norm_names() if n != "none"])
+def test_every_setting_of_a_norm_changes_its_layer(name: str) -> None:
+    """A norm's schema holds only what it reads: each field is part of the run's identity,
+    so each must change the layer it builds (freeze acts on the model: see test_models)."""
+    spatial = True
+    settings = {f.name for f in fields(norms.get_norm_spec(name).settings)} - {"name", "freeze"}
+    assert settings <= set(_ALTERNATIVES)
+    x = torch.randn(6, 6, 4, 4)
+    for field_name in settings:
+        # momentum matters only with running statistics (instance norm's default is without)
+        tracks = field_name == "momentum" and "track_running_stats" in settings
+        base = {"track_running_stats": True} if tracks else {}
+        other = not norm_cfg(name)[field_name] if field_name in _FLAGS else None
+        changed = {field_name: _ALTERNATIVES[field_name] if other is None else other}
+        layers = []
+        for cfg in (norm_cfg(name, **base), norm_cfg(name, **base, **changed)):
+            torch.manual_seed(0)
+            layer = norms.get_norm_layer(cfg, spatial)(6)
+            layers.append((repr(layer), layer.state_dict().keys(), layer(x)))
+        (repr_a, keys_a, out_a), (repr_b, keys_b, out_b) = layers
+        assert repr_a != repr_b or keys_a != keys_b or not torch.equal(out_a, out_b), field_name
+
+
+def test_a_setting_the_chosen_norm_does_not_read_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"'norm.num_groups'; the chosen norm reads: norm.name"):
+        compose_config(["norm=batch", "norm.num_groups=4"])

@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 
 from normbench import results
 from normbench.cli import app
+from tests.conftest import USER_MODEL
+from tests.fake_datasets import write_fake_mnist
 from normbench.sweep import plan_sweep
 
 runner = CliRunner()
@@ -53,7 +55,7 @@ def test_dry_run_counts_the_grid_and_runs_nothing(tiny: list[str], results_dir: 
     ],
 )
 def test_hydra_sweep_syntax(overrides: list[str], count: int, tiny: list[str]) -> None:
-    plan = plan_sweep([*overrides, *tiny])
+    plan = plan_sweep([*overrides, *tiny]).jobs
     assert len(plan) == count
     assert len({job.run_id for job in plan}) == count
     assert not any("0000000" in job.run_id for job in plan)
@@ -74,22 +76,32 @@ def test_grid_runs_once_then_skips(tiny: list[str], results_dir: Path) -> None:
     mtimes = {p: p.stat().st_mtime_ns for p in results_dir.rglob(results.METRICS_FILE)}
     again = sweep(*grid)
     assert again.exit_code == 0
-    assert "skipped" in again.stdout and "│  0 │        0 │      0 │       4 │" in again.stdout
+    assert "skipped" in again.stdout and "│  0 │        0 │       0 │      0 │       4 │" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in results_dir.rglob(results.METRICS_FILE)} == mtimes
     forced = sweep("--force", *grid)
     assert forced.exit_code == 0
     assert complete_runs(results_dir).keys() == runs.keys()
 
 
-def test_failed_job_does_not_stop_the_others(tiny: list[str], results_dir: Path) -> None:
-    # batch_size=1 makes BatchNorm fail at run time; norm=none trains fine.
-    result = sweep("norm=none,batch", "batch_size=1", *tiny)
+def test_failed_job_does_not_stop_the_others(
+    tiny: list[str], results_dir: Path, tmp_path: Path
+) -> None:
+    # MNIST files that exist but are corrupt pass planning and fail only their own jobs.
+    images = write_fake_mnist(tmp_path / "bad") / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:100])
+    (tmp_path / "mine" / "dataset").mkdir(parents=True)
+    (tmp_path / "mine" / "dataset" / "broken.yaml").write_text(
+        f"defaults:\n  - /dataset/mnist@_here_\n  - _self_\n\nroot: {tmp_path / 'bad'}\n"
+    )
+    mine = f"--config-dir={tmp_path / 'mine'}"
+    result = sweep(mine, "dataset=digits,broken", "seed=0,1", *tiny)
     assert result.exit_code == 1
-    assert "norm=batch batch_size=1" in result.stdout
-    assert "Expected more than 1 value per channel" in result.stdout
-    assert len(complete_runs(results_dir)) == 1
-    (failed,) = [p for p in results_dir.glob("[!.]*") if not results.is_complete(p)]
-    assert "Traceback" in (failed / results.ERROR_FILE).read_text()
+    assert result.stdout.count("failed dataset=broken") == 2
+    assert "corrupt or incomplete files" in result.stdout
+    assert len(complete_runs(results_dir)) == 2
+    failed = [p for p in results_dir.glob("[!.]*") if not results.is_complete(p)]
+    assert len(failed) == 2
+    assert all("Traceback" in (p / results.ERROR_FILE).read_text() for p in failed)
 
 
 @pytest.mark.parametrize(
@@ -97,10 +109,13 @@ def test_failed_job_does_not_stop_the_others(tiny: list[str], results_dir: Path)
     [
         (["norm=batch,batchh"], "unknown norm 'batchh'"),
         (["lr=0.1,-1"], "lr must be > 0"),
-        (["norm=batch,group", "norm.num_groups=7"], "choose a divisor of 32"),
+        (["norm=group", "norm.num_groups=2,7"], "choose a divisor of 32"),
         (["norm=batch,instance"], "needs CNN feature maps"),
         (["norm=batch,none", "model.activation=swish"], "choose from: relu"),
-        (["dataset=mnist,digits", "dataset.root=nowhere"], "MNIST/raw"),
+        (["dataset=mnist", "dataset.root=nowhere", "norm=batch,none"], "MNIST/raw"),
+        (["dataset=digits,toy", "dataset.noise=2"], "the chosen dataset reads"),
+        (["norm=batch,none", "batch_size=1"], "batch_size must be at least 2"),
+        (["experiment=lr_robustnes"], "unknown experiment 'lr_robustnes'"),
         (["batch_size=8,5000"], "exceeds the"),
         (["--dryrun", "norm=batch,none"], "unknown option '--dryrun'"),
         (["-j", "2", "hydra/launcher=submitit_local", "norm=batch,none"], "joblib"),
@@ -118,7 +133,7 @@ def test_bad_input_fails_before_any_job(
 
 def test_config_dir_adds_user_configs_to_a_sweep(tiny: list[str], tmp_path: Path) -> None:
     (tmp_path / "mine" / "model").mkdir(parents=True)
-    (tmp_path / "mine" / "model" / "tiny_mlp.yaml").write_text("name: mlp\nhidden: [8]\n")
+    (tmp_path / "mine" / "model" / "tiny_mlp.yaml").write_text(USER_MODEL)
     for flags in (["--config-dir", str(tmp_path / "mine")], [f"--config-dir={tmp_path / 'mine'}"]):
         result = sweep("--dry-run", *flags, "model=tiny_mlp", "norm=batch,none", *tiny)
         assert result.exit_code == 0, result.stderr
