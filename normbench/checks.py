@@ -45,5 +45,6 @@ def check_setup(cfg: DictConfig) -> DataInfo:
             model(torch.empty(cfg.batch_size, *data.input_shape))
         except (RuntimeError, ValueError) as error:
             message = " ".join(str(error).split())
-            raise ConfigError(f"model {cfg.model.name!r} cannot run on this data: {message}") from None
+            name = cfg.model.name
+            raise ConfigError(f"model {name!r} cannot run on this data: {message}") from None
     return data

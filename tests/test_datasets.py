@@ -9,6 +9,7 @@ from importlib.resources import files
 import numpy as np
 import pytest
 import torch
+
 from normbench.app import compose_config
 from normbench.datasets import DataError, DataSplits, dataset_names, load_dataset
 from normbench.errors import ConfigError

@@ -95,7 +95,9 @@ FORMULAS = {
     "instance": lambda x, m: group_formula(x, m, x.shape[1]),
     "group": lambda x, m: group_formula(x, m, m.num_groups),
 }
-CASES = [(n, s) for n in FORMULAS for s in (False, True) if s or not norms.get_norm_spec(n).spatial_only]
+CASES = [
+    (n, s) for n in FORMULAS for s in (False, True) if s or not norms.get_norm_spec(n).spatial_only
+]
 
 
 def assert_same_forward_and_backward(y, expected, inputs):
