@@ -24,6 +24,7 @@ from normbench.results import PERCENTILES, normalize_value
 UNUSABLE = ("diverged", "stalled")
 ALPHA = 0.05  # two-sided level of the paired intervals and tests
 MIN_PAIRS = 3  # fewer pairs than this are never tested
+EQUAL = 1e-9  # differences whose std is below this (relative to the mean) are all equal
 
 
 # ----------------------------------------------------------------------------- selecting
@@ -319,7 +320,8 @@ def paired(runs: pd.DataFrame, key: str, metric: str, baseline: str) -> pd.DataF
     half = stdtrit(np.maximum(table["n"] - 1, 1), 1 - ALPHA / 2) * scale
     table["ci_low"] = table["mean"] - half
     table["ci_high"] = table["mean"] + half
-    tested = table["n"].ge(MIN_PAIRS) & table["std"].gt(0)
+    # Equal differences (a std of rounding noise) have no spread to test against.
+    tested = table["n"].ge(MIN_PAIRS) & table["std"].gt(EQUAL * table["mean"].abs().clip(lower=1))
     table["p"] = (2 * stdtr(table["n"] - 1, -(table["mean"] / scale).abs())).where(tested)
     table["p_holm"] = holm(table["p"])
     table["significant"] = table["p_holm"].lt(ALPHA)
