@@ -124,19 +124,23 @@ def report(
     """Summarize results: norm x learning rate, best lr, stability, paired comparison."""
     from normbench.report import report as make_report
 
-    _guard(
-        lambda: make_report(
-            results,
-            metric=metric,
-            where=where or [],
-            by=by,
-            fmt=fmt,
-            output=output,
-            plot_dir=plot,
-            baseline=baseline,
-            diagnostics=diagnostics,
+    try:
+        _guard(
+            lambda: make_report(
+                results,
+                metric=metric,
+                where=where or [],
+                by=by,
+                fmt=fmt,
+                output=output,
+                plot_dir=plot,
+                baseline=baseline,
+                diagnostics=diagnostics,
+            )
         )
-    )
+    except OSError as error:  # writing --output or --plot failed: one line, exit 1
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command("list")

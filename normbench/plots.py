@@ -13,8 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from normbench.report import (
-    PERCENTILES,
+from normbench.report_stats import (
     configs_of,
     format_value,
     last_hidden_layer,
@@ -22,6 +21,7 @@ from normbench.report import (
     shared_columns,
     summarize,
 )
+from normbench.results import PERCENTILES
 
 _NAMES = {
     "train_loss": "training loss",
@@ -58,7 +58,8 @@ def result_plots(
 def diagnostics_plots(plot_dir: Path, runs: pd.DataFrame, records: pd.DataFrame) -> list[Path]:
     """The last hidden layer's percentiles and every layer's gradient norm over training.
 
-    Diverged and failed runs are left out: their huge values would flatten every other panel.
+    Only finished runs (status ok) count: a diverged run's huge values would flatten the
+    other panels.
     """
     plot_dir.mkdir(parents=True, exist_ok=True)
     runs = runs[runs["status"].eq("ok")]
@@ -153,7 +154,7 @@ def learning_curves(
     _legend(figure, axes, "norm")
     figure.suptitle(
         f"Learning curves: {_name(metric)}, mean ± 1 std over seeds\n"
-        "(diverged and failed runs left out)"
+        "(diverged, stalled and failed runs left out)"
     )
     return _save(figure, path)
 
@@ -164,7 +165,7 @@ def metric_against(path: Path, runs: pd.DataFrame, key: str, metric: str) -> Pat
     panels = _split(runs, key)
     color = _palette()
     figure, axes = _panels(len(panels))
-    diverged = []
+    unusable_cells = []
     for ax, (title, part) in zip(axes, panels, strict=True):
         cells = summarize(part, key, metric)
         for label, line in cells.groupby("config", observed=True):
@@ -172,7 +173,8 @@ def metric_against(path: Path, runs: pd.DataFrame, key: str, metric: str) -> Pat
                 line[key], line["mean"], yerr=line["std"].fillna(0), marker="o", capsize=3,
                 color=color(label), label=label,
             )  # fmt: skip
-        diverged.append(cells[cells["diverged"].gt(0)])
+        unusable = cells["diverged"] + cells["stalled"]
+        unusable_cells.append(cells.assign(unusable=unusable)[unusable.gt(0)])
         values = sorted(part[key].unique())
         ax.set_xscale("log", base=2 if key == "batch_size" else 10)
         ax.set_xticks(values, [format_value(v) for v in values])
@@ -183,18 +185,18 @@ def metric_against(path: Path, runs: pd.DataFrame, key: str, metric: str) -> Pat
     # Divergence counts in a strip above the curves (y is shared), a row per configuration.
     low, high = axes[0].get_ylim()
     step = (high - low) * 0.08
-    strips = [list(dict.fromkeys(cells["config"])) for cells in diverged]
+    strips = [list(dict.fromkeys(cells["config"])) for cells in unusable_cells]
     axes[0].set_ylim(low, high + step * max(map(len, strips)))
-    for ax, cells, strip in zip(axes, diverged, strips, strict=True):
+    for ax, cells, strip in zip(axes, unusable_cells, strips, strict=True):
         for _, cell in cells.iterrows():
             y = high + step * (strip.index(cell["config"]) + 0.5)
-            text = f"× {cell['diverged']}/{cell['runs']}"
+            text = f"× {cell['unusable']}/{cell['runs']}"
             ax.text(cell[key], y, text, color=color(cell["config"]), ha="center", va="center")
     axes[0].set_ylabel(f"final {_name(metric)}")
     _legend(figure, axes, "norm")
     figure.suptitle(
         f"Final {_name(metric)} vs {_name(key)}, mean ± 1 std over seeds\n"
-        "× k/n: k of n seeds diverged there (left out of the mean)"
+        "× k/n: k of n seeds diverged or stalled there (left out of the mean)"
     )
     return _save(figure, path)
 
@@ -237,7 +239,7 @@ def percentiles(path: Path, runs: pd.DataFrame, records: pd.DataFrame) -> Path:
         runs, rows, "percentile", lambda q: {"linestyle": dashes[q], "color": "black"},
         f"{layer} pre-activation",
         f"Last hidden layer ({layer}): 15th, 50th and 85th percentiles of its pre-activation\n"
-        "over training (mean over seeds; diverged and failed runs left out)",
+        "over training (mean over seeds; diverged, stalled and failed runs left out)",
     )  # fmt: skip
     return _save(figure, path)
 
@@ -249,7 +251,7 @@ def gradient_norms(path: Path, runs: pd.DataFrame, records: pd.DataFrame) -> Pat
         runs, records[records["quantity"].eq("grad_norm")], "layer",
         lambda layer: {"color": color(layer)}, "gradient norm (log scale)",
         "Gradient norm per layer over training\n"
-        "(mean over seeds; diverged and failed runs left out)",
+        "(mean over seeds; diverged, stalled and failed runs left out)",
     )  # fmt: skip
     for ax in axes:
         ax.set_yscale("log")

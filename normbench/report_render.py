@@ -1,19 +1,25 @@
-"""Turn report summaries into text: rich tables, CSV, Markdown, LaTeX or JSON."""
+"""Turn report summaries into text: rich tables, CSV, Markdown, LaTeX or JSON.
+
+Rich tables fit the console: columns are never narrower than their longest word (a table too
+wide for that is cut into several, each repeating the norm column), so numbers stay whole at
+80 columns and when piped.
+"""
 
 from __future__ import annotations
 
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 from rich.console import Console
 from rich.table import Table as RichTable
 from rich.text import Text
 
-from normbench.report import PERCENTILES, format_value, higher_is_better
+from normbench.report_stats import ALPHA, MIN_PAIRS, format_value, higher_is_better
+from normbench.results import PERCENTILES
 
 DASH = "–"
 
@@ -31,9 +37,14 @@ class Table:
 
 
 @dataclass
-class Report:
-    """The summaries behind ``normbench report`` (see normbench.report for their columns)."""
+class Block:
+    """The tables of one study: runs that agree on every setting but the rows and columns.
 
+    ``settings`` names what tells this study apart from the others read (empty when alone).
+    See normbench.report_stats for the columns of the frames.
+    """
+
+    settings: dict[str, object]
     metric: str
     by: str
     baseline: str | None
@@ -41,6 +52,10 @@ class Report:
     best_lr: pd.DataFrame | None  # None when a single lr was tried
     stability: pd.DataFrame | None
     paired: pd.DataFrame | None  # None without a baseline
+
+    @property
+    def title(self) -> str:
+        return ", ".join(f"{k}={format_value(v)}" for k, v in self.settings.items())
 
     def tables(self) -> list[Table]:
         direction = "highest" if higher_is_better(self.metric) else "lowest"
@@ -50,9 +65,9 @@ class Report:
                 self.by,
                 _cell,
                 f"{self.metric} at the last epoch, by {self.by}",
-                f"Mean ± std over seeds of the runs that finished (n); diverged runs are counted, "
-                f"not averaged (their metric is inf/nan). Marked: the {direction} mean per row "
-                f"among cells where no seed diverged.",
+                f"Mean ± std over seeds of the runs that finished (n); diverged and stalled runs "
+                f"are counted, not averaged. Marked: the {direction} mean per row among cells "
+                f"where no seed diverged or stalled.",
             )
         ]
         if self.best_lr is not None:
@@ -61,29 +76,18 @@ class Report:
                 _stability_table(self.stability, self.baseline),
             ]
         if self.paired is not None and not self.paired.empty:
-            tables.append(
-                _matrix(
-                    self.paired.assign(
-                        best=self.paired["ci_low"].gt(0) | self.paired["ci_high"].lt(0)
-                    ),
-                    self.by,
-                    _difference,
-                    f"{self.metric} minus {self.baseline}, paired by seed",
-                    f"Mean difference to the {self.baseline} run with the same {self.by}, seed and "
-                    f"other settings (averaged over {self.baseline} runs differing only in norm.* "
-                    f"settings), [95% confidence interval, t distribution] (n pairs); pairs "
-                    f"where either side diverged or failed are left out. Marked: the "
-                    f"interval excludes 0.",
-                    marker="*",
-                )
-            )
+            tables.append(_paired_table(self.paired, self.by, self.metric, self.baseline))
+        if self.title:
+            for table in tables:
+                table.title = f"{self.title}: {table.title}"
         return tables
 
     def frame(self) -> pd.DataFrame:
-        return self.cells
+        return self.cells.assign(**self.settings, metric=self.metric)
 
     def records(self) -> dict:
         return {
+            "settings": self.settings,
             "metric": self.metric,
             "higher_is_better": higher_is_better(self.metric),
             "by": self.by,
@@ -92,6 +96,29 @@ class Report:
             "best_lr": _records(self.best_lr),
             "stability": _records(self.stability),
             "paired": _records(self.paired),
+            "correction": "holm",
+        }
+
+
+@dataclass
+class Report:
+    """``normbench report``: one block of tables per study, and notes on what was read."""
+
+    blocks: list[Block]
+    notes: list[str]
+    left_out: pd.DataFrame  # run_id, status, epoch of the runs not in the statistics
+
+    def tables(self) -> list[Table]:
+        return [table for block in self.blocks for table in block.tables()]
+
+    def frame(self) -> pd.DataFrame:
+        return pd.concat([block.frame() for block in self.blocks], ignore_index=True)
+
+    def records(self) -> dict:
+        return {
+            "blocks": [block.records() for block in self.blocks],
+            "left_out": _records(self.left_out),
+            "notes": self.notes,
         }
 
 
@@ -100,27 +127,31 @@ class DiagnosticsReport:
     """``normbench report --diagnostics``: one row per configuration and layer."""
 
     table: pd.DataFrame
+    notes: list[str]
 
     def tables(self) -> list[Table]:
-        columns = ["grad_norm", "input_std", *(f"drift_{p}" for p in PERCENTILES), "eval_gap"]
+        columns = {"grad_norm": "mean grad norm", "input_std": "final input std"}
+        columns |= {f"drift_{p}": f"drift {p.split('_')[1]}" for p in PERCENTILES}
+        columns["eval_gap"] = "final eval gap"
+        columns = {c: name for c, name in columns.items() if self.table[c].notna().any()}
         rows = [
             [row["config"], row["layer"], *(_number(row[c], 3) for c in columns)]
             for _, row in self.table.iterrows()
         ]
-        headers = ["norm", "layer", "mean grad norm", "final input std"]
-        headers += [f"drift {p.split('_')[1]}" for p in PERCENTILES] + ["final eval gap"]
         caption = (
-            "Averaged over seeds. Drift: the largest departure of the last hidden layer's "
-            "pre-activation percentiles from their first record (Ioffe & Szegedy Fig. 1). "
-            "Eval gap: validation metric with running statistics minus with batch statistics."
+            "Averaged over the seeds that finished (diverged and stalled runs left out). Drift: "
+            "the largest departure of the last hidden layer's pre-activation percentiles from "
+            "their first record (Ioffe & Szegedy Fig. 1). Eval gap: validation metric with "
+            "running statistics minus with batch statistics."
         )
+        headers = ["norm", "layer", *columns.values()]
         return [Table("Diagnostics per layer", headers, rows, caption)]
 
     def frame(self) -> pd.DataFrame:
         return self.table
 
     def records(self) -> dict:
-        return {"diagnostics": _records(self.table)}
+        return {"diagnostics": _records(self.table), "notes": self.notes}
 
 
 # ----------------------------------------------------------------------------- cells
@@ -131,31 +162,39 @@ def _number(value: float, digits: int = 4) -> str:
 
 
 def _mean_std(mean: float, std: float, n: int) -> str:
-    """``0.650 ± 0.026``: the mean to the precision of the std's two significant digits."""
-    if n < 2 or not math.isfinite(std) or std <= 0:
+    """``0.650 ± 0.026``: the mean to the precision of the std's two significant digits.
+
+    A zero std is shown (``0.9931 ± 0.0000``): seeds that agree exactly are worth seeing.
+    """
+    if n < 2 or not math.isfinite(std):
         return f"{mean:.4g}"
-    decimals = max(0, 1 - math.floor(math.log10(std)))
+    decimals = 4 if std == 0 else max(0, 1 - math.floor(math.log10(std)))
     return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
 
 
 def _cell(row: pd.Series) -> str:
     notes = [f"n={row['n']}"] if row["n"] else []
-    if row["diverged"]:
-        notes.append(f"{row['diverged']}/{row['runs']} diverged")
-    if row["failed"]:
-        notes.append(f"{row['failed']}/{row['runs']} failed")
+    notes += [f"{row[s]}/{row['runs']} {s}" for s in ("diverged", "stalled", "failed") if row[s]]
     if not row["n"]:
         return ", ".join(notes) or DASH  # e.g. test_acc without a test split
     return f"{_mean_std(row['mean'], row['std'], row['n'])} ({', '.join(notes)})"
 
 
 def _difference(row: pd.Series) -> str:
+    notes = [f"n={row['n']}"] + [f"dropped {row['dropped_why']}"] * bool(row["dropped"])
+    if not row["n"]:
+        return f"no pairs ({notes[-1]})"
     interval = f" [{row['ci_low']:+.3g}, {row['ci_high']:+.3g}]" if row["n"] > 1 else ""
-    return f"{row['mean']:+.3g}{interval} (n={row['n']})"
+    return f"{row['mean']:+.3g}{interval} ({', '.join(notes)})"
 
 
 def _matrix(
-    frame: pd.DataFrame, key: str, cell, title: str, caption: str, marker: str = "★"
+    frame: pd.DataFrame,
+    key: str,
+    cell: Callable[[pd.Series], str],
+    title: str,
+    caption: str,
+    marker: str = "★",
 ) -> Table:
     """Rows: configurations; columns: values of ``key`` (null last); ``frame['best']`` marks."""
     values = sorted(frame[key].dropna().unique()) + [None] * bool(frame[key].isna().any())
@@ -172,6 +211,27 @@ def _matrix(
     return Table(title, columns, rows, caption, marked, marker)
 
 
+def _paired_table(frame: pd.DataFrame, key: str, metric: str, baseline: str) -> Table:
+    tested = int(frame["p"].notna().sum())
+    caption = (
+        f"Mean difference to the {baseline} run with the same {key}, seed and other settings "
+        f"(averaged over {baseline} runs differing only in norm.* settings), [{1 - ALPHA:.0%} "
+        f"confidence interval, t distribution] (n pairs; dropped: pairs where either side "
+        f"diverged, stalled, failed or is missing, and why). Marked: significant at "
+        f"{ALPHA:g} by a two-sided paired t-test with the Holm-Bonferroni correction over the "
+        f"{tested} tested cells of this table; cells with n < {MIN_PAIRS} or all differences "
+        f"equal are not tested."
+    )
+    return _matrix(
+        frame.assign(best=frame["significant"]),
+        key,
+        _difference,
+        f"{metric} minus {baseline}, paired by seed",
+        caption,
+        marker="*",
+    )
+
+
 def _best_lr_table(frame: pd.DataFrame) -> Table:
     rows = []
     for _, row in frame.iterrows():
@@ -181,7 +241,7 @@ def _best_lr_table(frame: pd.DataFrame) -> Table:
         rows.append([row["config"], lr, val, test])
     caption = (
         f"The lr with the best mean {' / '.join(frame['selected_on'].unique())} among lrs where "
-        "no seed diverged (– when every lr had a diverged seed), and the test metric at that lr "
+        "no seed diverged or stalled (– when every lr had one), and the test metric at that lr "
         "(– without a test split)."
     )
     return Table(
@@ -195,24 +255,32 @@ def _spread(mean: float, std: float, n: int) -> str:
     return f"{_mean_std(mean, std, n)} (n={n})"
 
 
+def _limit(lr: float, censored: bool, never: str) -> str:
+    return never if pd.isna(lr) else f"{'≥ ' * bool(censored)}{format_value(lr)}"
+
+
+def _ratio(row: pd.Series, prefix: str) -> str:
+    ratio, censored = row[f"{prefix}ratio"], row[f"{prefix}censored"]
+    if pd.isna(ratio) or row.get(f"baseline_{prefix}censored", False):
+        return DASH
+    return f"{'≥ ' * bool(censored)}{ratio:.3g}x"
+
+
 def _stability_table(frame: pd.DataFrame, baseline: str | None) -> Table:
     rows = []
     for _, row in frame.iterrows():
-        lr = row["max_stable_lr"]
-        stable = "diverged at every lr" if pd.isna(lr) else format_value(lr)
-        if row["censored"]:
-            stable = f"≥ {stable}"
-        ratio = DASH
-        if not (pd.isna(row["ratio"]) or row.get("baseline_censored", False)):
-            ratio = f"{'≥ ' if row['censored'] else ''}{row['ratio']:.3g}x"
-        rows.append([row["config"], stable, str(row["lrs_tried"])] + [ratio] * bool(baseline))
+        trains = _limit(row["max_trains_lr"], row["trains_censored"], "none trains")
+        stable = _limit(row["max_stable_lr"], row["censored"], "diverged at every lr")
+        ratios = [_ratio(row, "trains_"), _ratio(row, "")] if baseline else []
+        rows.append([row["config"], trains, stable, str(row["lrs_tried"]), *ratios])
     caption = (
-        "Largest lr at which no seed diverged. ≥: no seed diverged even at the largest lr tried."
+        "Largest lr that trains: no seed diverged or stalled there. Largest lr without "
+        "divergence: no seed diverged. ≥: even the largest lr tried qualifies."
     )
-    columns = ["norm", "largest stable lr", "lrs tried"]
+    columns = ["norm", "largest lr that trains", "largest lr without divergence", "lrs tried"]
     if baseline:
-        caption += f" Ratio: to {baseline} with the same other settings (– when it never diverged)."
-        columns.append(f"ratio to {baseline}")
+        caption += f" Ratios: to {baseline} with the same other settings (– when its limit is ≥)."
+        columns += [f"trains: ratio to {baseline}", f"no divergence: ratio to {baseline}"]
     return Table("Stability", columns, rows, caption)
 
 
@@ -223,28 +291,56 @@ def _records(frame: pd.DataFrame | None) -> list[dict]:
 
 # ----------------------------------------------------------------------------- formats
 
-
-def _rich(table: Table) -> RichTable:
-    out = RichTable(title=table.title, caption=table.caption, caption_justify="left")
-    for i, column in enumerate(table.columns):
-        if i == 0:
-            out.add_column(column, no_wrap=True)
-        else:
-            out.add_column(column, justify="right", overflow="fold")
-    for i, row in enumerate(table.rows):
-        out.add_row(
-            *(
-                Text(f"{table.marker} {cell}", style="bold green")
-                if (i, j) in table.marked
-                else Text(cell)
-                for j, cell in enumerate(row)
-            )
-        )
-    return out
+_BORDER = 3  # a column's left padding, right padding and border in a rich table
 
 
-def markdown(tables: list[Table]) -> str:
-    """GitHub-flavoured pipe tables, marked cells in bold."""
+def _rich(table: Table, width: int) -> list[RichTable | Text]:
+    """``table`` as rich tables that fit ``width``, then its caption."""
+    cells = [
+        [f"{table.marker} {c}" if (i, j) in table.marked else c for j, c in enumerate(row)]
+        for i, row in enumerate(table.rows)
+    ]
+    texts = list(zip(table.columns, *cells, strict=True))
+    shortest = [max(len(word) for text in column for word in text.split()) for column in texts]
+    longest = [max(len(text) for text in column) for column in texts]
+    parts = _column_groups(shortest, width)
+    out: list[RichTable | Text] = []
+    for number, columns in enumerate(parts, 1):
+        title = table.title + (f" ({number}/{len(parts)})" if len(parts) > 1 else "")
+        widths = _widths([shortest[j] for j in columns], [longest[j] for j in columns], width)
+        rich = RichTable(title=title)
+        for j, fixed in zip(columns, widths, strict=True):
+            rich.add_column(table.columns[j], justify="right" if j else "left", width=fixed)
+        for i, row in enumerate(cells):
+            rich.add_row(*(Text(row[j], "bold green" * ((i, j) in table.marked)) for j in columns))
+        out.append(rich)
+    return [*out, Text(table.caption, style="dim")]
+
+
+def _column_groups(shortest: list[int], width: int) -> list[list[int]]:
+    """Columns 1.. cut into groups that fit ``width`` beside column 0 at their narrowest."""
+    groups: list[list[int]] = [[0]]
+    for j in range(1, len(shortest)):
+        used = 1 + sum(shortest[k] + _BORDER for k in groups[-1])
+        if len(groups[-1]) > 1 and used + shortest[j] + _BORDER > width:
+            groups.append([0])
+        groups[-1].append(j)
+    return groups
+
+
+def _widths(shortest: list[int], longest: list[int], width: int) -> list[int | None]:
+    """Column widths: natural when the table fits, else the narrowest plus a fair share."""
+    room = width - 1 - _BORDER * len(longest)
+    if sum(longest) <= room:
+        return [None] * len(longest)
+    spare, wanted = room - sum(shortest), [b - a for a, b in zip(shortest, longest, strict=True)]
+    return [
+        a + max(0, spare) * extra // sum(wanted) for a, extra in zip(shortest, wanted, strict=True)
+    ]
+
+
+def markdown(tables: list[Table], notes: list[str]) -> str:
+    """GitHub-flavoured pipe tables, marked cells in bold, then the notes."""
     parts = []
     for table in tables:
         lines = [
@@ -258,7 +354,7 @@ def markdown(tables: list[Table]) -> str:
                 _pipe_row([f"**{c}**" if (i, j) in table.marked else c for j, c in enumerate(row)])
             )
         parts.append("\n".join([*lines, "", table.caption, ""]))
-    return "\n".join(parts)
+    return "\n".join(parts + [f"{note}\n" for note in notes])
 
 
 def _pipe_row(cells: list[str]) -> str:
@@ -287,8 +383,8 @@ def _tex(text: str) -> str:
     return "".join(_LATEX_ESCAPES.get(char, char) for char in text)
 
 
-def latex(tables: list[Table]) -> str:
-    """One ``table`` environment per table, marked cells in bold."""
+def latex(tables: list[Table], notes: list[str]) -> str:
+    """One ``table`` environment per table, marked cells in bold; notes as comments."""
     parts = []
     for table in tables:
         lines = [
@@ -307,29 +403,27 @@ def latex(tables: list[Table]) -> str:
             ]
             lines.append(" & ".join(cells) + r" \\")
         parts.append("\n".join([*lines, r"\hline", r"\end{tabular}", r"\end{table}", ""]))
-    return "\n".join(parts)
+    return "\n".join(parts + [f"% {note}\n" for note in notes])
 
 
-def emit(
-    summary: Report | DiagnosticsReport, fmt: str, console: Console, output: Path | None
-) -> None:
-    """Print ``summary`` in format ``fmt`` to ``console``, or write it to ``output``."""
+def render(summary: Report | DiagnosticsReport, fmt: str, width: int) -> str:
+    """``summary`` as text in format ``fmt`` (rich tables ``width`` columns wide, no colour)."""
     if fmt == "table":
-        if output is None:
-            for table in summary.tables():
-                console.print(_rich(table))
-            return
-        buffer = Console(file=io.StringIO(), width=200, color_system=None)
-        for table in summary.tables():
-            buffer.print(_rich(table))
-        text = buffer.file.getvalue()
-    elif fmt == "csv":
-        text = summary.frame().to_csv(index=False)
-    elif fmt == "json":
-        text = json.dumps(summary.records(), indent=2, allow_nan=False) + "\n"
-    else:
-        text = (markdown if fmt == "markdown" else latex)(summary.tables())
-    if output is None:
-        console.out(text, highlight=False, end="")
-    else:
-        Path(output).write_text(text)
+        buffer = Console(file=io.StringIO(), width=width, color_system=None)
+        print_tables(summary, buffer)
+        return buffer.file.getvalue()
+    if fmt == "csv":
+        return summary.frame().to_csv(index=False)
+    if fmt == "json":
+        return json.dumps(summary.records(), indent=2, allow_nan=False) + "\n"
+    return (markdown if fmt == "markdown" else latex)(summary.tables(), summary.notes)
+
+
+def print_tables(summary: Report | DiagnosticsReport, console: Console) -> None:
+    """Rich tables on ``console``, fitted to its width, then the notes."""
+    for table in summary.tables():
+        for renderable in _rich(table, console.width):
+            console.print(renderable)
+        console.print()
+    for note in summary.notes:
+        console.print(note, markup=False, highlight=False)

@@ -18,20 +18,19 @@ from rich.console import Console
 
 from normbench.config import Config
 from normbench.errors import ConfigError
-from normbench.report import (
-    DIAGNOSTIC_COLUMNS,
+from normbench.report import report
+from normbench.report_load import load_diagnostics, load_runs
+from normbench.report_stats import (
     best_lr,
     configs_of,
     diagnostics_summary,
     filter_runs,
-    load_diagnostics,
-    load_runs,
     paired,
-    report,
     stability,
     summarize,
 )
 from normbench.results import (
+    DIAGNOSTIC_COLUMNS,
     DIAGNOSTICS_FILE,
     KEY_COLUMNS,
     METRIC_COLUMNS,
@@ -71,14 +70,20 @@ def write_run(
     status: str = "ok",
     batch_size: int = 32,
     test_split: bool = True,
+    dataset: str = "toy",
+    task: str = "classification",
     **config: object,
 ) -> str:
-    """One run folder with a metrics.csv as `normbench run` writes it; returns the run_id."""
+    """One run folder with a metrics.csv as `normbench run` writes it; returns the run_id.
+
+    A running run has written its first two epochs; a stalled one all of them.
+    """
     settings = {**CONFIG, "norm.name": norm, **config}
-    run_id = f"mlp-{norm}-toy-lr{lr:g}-bs{batch_size}-s{seed}-{zlib.crc32(str(settings).encode())}"
+    crc = zlib.crc32(str(settings).encode())
+    run_id = f"mlp-{norm}-{dataset}-{task[:3]}-lr{lr:g}-bs{batch_size}-s{seed}-{crc}"
     keys = dict(
-        run_id=run_id, model="mlp", norm=norm, dataset="toy", optimizer="sgd",
-        task="classification", lr=lr, batch_size=batch_size, seed=seed,
+        run_id=run_id, model="mlp", norm=norm, dataset=dataset, optimizer="sgd",
+        task=task, lr=lr, batch_size=batch_size, seed=seed,
     )  # fmt: skip
     rows = []
     for epoch in range(1, EPOCHS + 1):
@@ -105,6 +110,8 @@ def write_run(
     if status == "diverged":  # stops at epoch 2 with a non-finite loss (and a garbage accuracy)
         rows = rows[:2]
         rows[-1].update(train_loss=math.inf, val_loss=math.nan, val_acc=0.1)
+    if status == "running":
+        rows = rows[:2]
     if status == "failed":
         rows = [dict(keys, epoch=0, status="failed", error="RuntimeError: boom", **settings)]
     atomic_write_csv(root / run_id / METRICS_FILE, rows, COLUMNS)
@@ -204,7 +211,7 @@ def test_table_output_shows_cells_counts_and_tables(
 
 
 def test_best_lr_chosen_on_validation_with_test_metric(grid: Path) -> None:
-    table = best_lr(final_runs(grid)).set_index("config")
+    table = best_lr(final_runs(grid), "val_acc").set_index("config")
     assert table.loc["batch", "lr"] == 0.1
     assert table.loc["batch", "selected_on"] == "val_acc"
     assert table.loc["batch", "test_mean"] == pytest.approx(0.9 + 0.04 / 3 - 0.05)
@@ -231,19 +238,22 @@ def test_paired_difference_and_t_interval_by_hand(grid: Path) -> None:
     assert (row["ci_low"], row["ci_high"]) == pytest.approx(
         (statistics.mean(diffs) - half, statistics.mean(diffs) + half)
     )
-    # none diverged at lr=0.1 seed 1 and everywhere at lr=1.0: those pairs are left out
-    assert cell(table, "batch", "lr", 0.1)["n"] == 2
-    assert cell(table, "batch", "lr", 1.0).empty
+    # none diverged at lr=0.1 seed 1 and everywhere at lr=1.0: those pairs are dropped, and why
+    dropped = cell(table, "batch", "lr", 0.1)
+    assert (dropped["n"], dropped["dropped"], dropped["dropped_why"]) == (2, 1, "1 none diverged")
+    dropped = cell(table, "layer", "lr", 1.0)  # layer seed 0 diverged too
+    assert (dropped["n"], dropped["dropped"]) == (0, 3)
+    assert dropped["dropped_why"] == "1 diverged, 2 none diverged"
+    failed = cell(table, "layer", "lr", 0.01)
+    assert (failed["n"], failed["dropped_why"]) == (2, "1 failed")
+    assert "no pairs (dropped 3 none diverged)" in run_report(grid)
 
 
 def test_where_filters_with_typed_values(grid: Path) -> None:
     runs = final_runs(grid)
     assert set(filter_runs(runs, ["norm=batch"])["norm"]) == {"batch"}
-    assert set(filter_runs(runs, ["lr=.1", "seed=2"])["run_id"].str[:14]) == {
-        "mlp-batch-toy-",
-        "mlp-layer-toy-",
-        "mlp-none-toy-l",
-    }
+    selected = filter_runs(runs, ["lr=.1", "seed=2"])
+    assert sorted(selected["norm"]) == ["batch", "layer", "none"]
     assert len(filter_runs(runs, ["norm.affine=true", "norm=none"])) == 9
     out = run_report(grid, where=["norm=layer"])
     assert "batch" not in out and "layer" in out
@@ -294,7 +304,7 @@ def test_baseline_runs_differing_only_in_norm_settings_count_once(tmp_path: Path
     pairs = paired(runs, "lr", "val_acc", "none").set_index(["config", "lr"])["n"]
     assert pairs[("batch (norm.eps=0.001)", 1.0)] == 2  # seed 0: one of none's runs diverged
     table = stability(runs, "none").set_index("config")
-    assert table.loc["batch (norm.eps=1e-05)", "baseline_lr"] == 0.1
+    assert table.loc["batch (norm.eps=1e-05)", "baseline_max_stable_lr"] == 0.1
     assert table.loc["batch (norm.eps=1e-05)", "ratio"] == pytest.approx(10)
     assert not table["baseline_censored"].any()
     assert "(n=3)" in run_report(tmp_path) and "(n=6)" not in run_report(tmp_path)
@@ -336,7 +346,10 @@ def test_by_key_with_null_values_gets_a_null_column_last(
     out = run_report(tmp_path, by="dataset.limit", fmt="markdown", plot_dir=plots)
     columns = "| norm | dataset.limit=100 | dataset.limit=1000 | dataset.limit=null |"
     assert out.count(columns) == 2  # main table and paired differences
-    assert "| batch | 0.7 (n=2) | 0.8 (n=2) | **0.9 (n=2)** |" in out
+    assert (
+        "| batch | 0.7000 ± 0.0000 (n=2) | 0.8000 ± 0.0000 (n=2) | **0.9000 ± 0.0000 (n=2)** |"
+        in out
+    )
     assert "| batch | +0.15 [-0.485, +0.785] (n=2) | +0.25" in out
     assert_pngs(plots, {"learning_curves.png", "val_acc_vs_dataset.limit.png"})
     pixels = imread(plots / "val_acc_vs_dataset.limit.png")[..., :3]
@@ -368,6 +381,12 @@ def test_csv_reads_back_with_pandas(grid: Path, tmp_path_factory: pytest.TempPat
 
 def test_json_is_valid_with_all_sections(grid: Path) -> None:
     data = json.loads(run_report(grid, fmt="json"))
+    assert len(data["blocks"]) == 1 and data["blocks"][0]["settings"] == {}
+    assert data["left_out"] == [
+        {"run_id": data["left_out"][0]["run_id"], "status": "failed", "epoch": 0}
+    ]
+    data = data["blocks"][0]
+    assert data["correction"] == "holm"
     assert data["metric"] == "val_acc" and data["higher_is_better"] and data["baseline"] == "none"
     assert len(data["cells"]) == 9
     assert {row["config"] for row in data["stability"]} == {"batch", "layer", "none"}
@@ -443,7 +462,7 @@ def test_cli_turns_report_errors_into_one_line_and_exit_2(grid: Path) -> None:
 
 
 def test_no_results_prints_how_to_make_some(tmp_path: Path) -> None:
-    out = run_report(tmp_path / "missing")
+    out = run_report(tmp_path)
     assert "no results under" in out and "normbench sweep" in out
 
 
