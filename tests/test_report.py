@@ -7,7 +7,6 @@ import json
 import math
 import statistics
 import zlib
-from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +15,7 @@ from matplotlib import colormaps
 from matplotlib.image import imread
 from rich.console import Console
 
-from normbench.config import Config
+from normbench.app import compose_config
 from normbench.errors import ConfigError
 from normbench.report import report
 from normbench.report_load import load_diagnostics, load_runs
@@ -39,7 +38,7 @@ from normbench.results import (
     flat_config,
 )
 
-CONFIG = {k: v for k, v in flat_config(asdict(Config())).items() if k not in KEY_COLUMNS}
+CONFIG = {k: v for k, v in flat_config(compose_config()[0]).items() if k not in KEY_COLUMNS}
 COLUMNS = [*KEY_COLUMNS, *METRIC_COLUMNS, *CONFIG]
 EPOCHS = 3
 
