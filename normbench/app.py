@@ -95,6 +95,8 @@ def parse_args(args: Sequence[str]) -> HydraArgs:
             else:
                 parsed.flags.append(arg)
             parsed.options[canonical] = value if (has_value or takes) else None
+            if canonical == "--experimental-rerun" and not Path(value).is_file():
+                raise ConfigError(f"--experimental-rerun {value}: no such file")
         elif arg.startswith("-"):
             known = sorted({canonical for canonical, _ in _FLAGS.values()})
             raise ConfigError(f"unknown option {arg!r}; Hydra's flags are: {', '.join(known)}")

@@ -194,7 +194,7 @@ def run_sweep(
     if "--run" in hydra_args.options:
         raise ConfigError("normbench sweep always runs a multirun; use normbench run for one")
     if hydra_args.acts:
-        launch([*hydra_args.flags, *hydra_args.overrides], multirun=True)  # Hydra prints
+        launch([*hydra_args.flags, *hydra_args.overrides])  # Hydra prints or reruns one job
         return 0
     keys = {o.split("=", 1)[0].lstrip("+~") for o in hydra_args.overrides}
     if jobs > 1 and "hydra/launcher" in keys:
@@ -220,7 +220,13 @@ def run_sweep(
         total = None if plan.jobs is None else plan.cells
         with _terminate_as_interrupt(), _watch(sweep_dir, total, console):
             launch([*hydra_args.flags, *hydra_args.overrides, *settings], multirun=True)
-    return print_summary(plan, read_job_records(sweep_dir), console)
+    failed = print_summary(plan, read_job_records(sweep_dir), console)
+    optimized = sweep_dir / "optimization_results.yaml"  # written by optimizing sweepers
+    if optimized.is_file():
+        best = OmegaConf.load(optimized)
+        params = " ".join(f"{k}={v}" for k, v in best.get("best_params", {}).items())
+        console.print(f"best: {params} (objective {best.get('best_value')})", highlight=False)
+    return failed
 
 
 def _job_settings(keys: set[str], jobs: int, force: bool, sweep_dir: Path) -> list[str]:
