@@ -444,7 +444,9 @@ def _mse(out: Tensor, y: Tensor) -> Tensor:
 
 def _member_grad_norms(params: Sequence[Tensor], k: int) -> Tensor:
     """Each member's global gradient norm (train_one_epoch's), as a (K,) tensor."""
-    squares = [p.grad.reshape(k, -1).pow(2).sum(1) for p in params if p.grad is not None]
-    if not squares:
+    norms_ = [
+        torch.linalg.vector_norm(p.grad.reshape(k, -1), dim=1) for p in params if p.grad is not None
+    ]
+    if not norms_:
         return torch.zeros(k, device=params[0].device if params else None)
-    return torch.stack(squares).sum(0).sqrt()
+    return torch.linalg.vector_norm(torch.stack(norms_), dim=0)

@@ -73,9 +73,12 @@ class StackedLinear(_Stacked):
         super().__init__(templates, params=("weight", "bias"))
 
     def forward(self, x: Tensor) -> Tensor:  # (K, B, in) -> (K, B, out)
+        # As W @ x^T: the weight's gradient (grad^T @ x) then comes out contiguous in the
+        # weight's own layout, where x @ W^T would give it transposed, to be copied every step.
+        xt = x.transpose(1, 2)
         if self.bias is None:
-            return torch.bmm(x, self.weight.transpose(1, 2))
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+            return torch.bmm(self.weight, xt).transpose(1, 2)
+        return torch.baddbmm(self.bias.unsqueeze(2), self.weight, xt).transpose(1, 2)
 
 
 class StackedConv2d(_Stacked):
