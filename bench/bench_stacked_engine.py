@@ -7,7 +7,7 @@ memory: how far the resident set rose above its level before the first stacked e
 the allocator reuses memory freed earlier, so a small group can show ~0), and
 stacked.estimate_member_bytes x 15 (what chunk_members budgets with).
 
-Run: python bench/bench_stacked_engine.py [--repeats 3] [--quick]
+Run: python bench/bench_stacked_engine.py [--repeats 3] [--train-size 2000]
 """
 
 from __future__ import annotations
