@@ -1,0 +1,452 @@
+"""Stacked sweeps (issue 9): K runs differing only in lr and seed, trained as ONE model.
+
+Small networks spend most of their time in per-op overhead; K members stacked into one
+network do the same number of ops per step as one run. The stacking is by hand
+(:mod:`normbench.stacked_layers`): batched matmuls, grouped convs, norms over K*C channels.
+
+API::
+
+    reason = stack_unsupported(cfg)          # None, or why this config must run alone
+    key = stack_key(cfg)                     # equal keys: stackable together (all but lr, seed)
+    for chunk in chunk_members(cfgs, max_members=16, max_bytes=2**30,
+                               member_bytes=estimate_member_bytes(cfgs[0], shape, outputs)):
+        trainer = StackedTrainer(chunk)      # builds each member as a single run would
+        for epoch in ...:
+            stats = trainer.train_epoch()    # list[EpochStats | None], one per member
+            for k in trainer.active_members():
+                if diverged(stats[k]): trainer.deactivate(k)
+            val = trainer.evaluate("val")    # list[(loss, acc) | None]
+            trainer.scheduler_step(val_losses)   # optimizer.scheduler=plateau only
+        trainer.member_state_dict(k)         # the single model's keys and shapes
+        trainer.member_module(k)             # a normal Net holding member k's weights
+
+Each member: its model is ``build_model`` + ``init_paired(model, seed)`` +
+``torch.manual_seed(seed)`` exactly as ``experiment.prepare``; its own data
+(``load_dataset(cfg.dataset, seed)``, loaded once per distinct seed); its own data order (a
+``torch.Generator`` seeded with its seed, one randperm per epoch, as ``train.shuffled_batches``,
+last incomplete batch dropped); its own lr and optimizer state (:mod:`normbench.stacked_optim`:
+SGD and Adam re-implemented with a (K,) lr, exact torch semantics, the no-weight-decay-on-norm
+rule of ``train.make_optimizer``); its own dropout masks (a generator per member replaying the
+single run's global stream). Batch statistics are per member: no op reduces across members.
+
+A deactivated member (diverged) is taken out of the stack: its parameters, buffers and
+optimizer state are saved as they are and the remaining members go on, computing nothing for
+it. Its ``member_state_dict`` is the snapshot.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from normbench import norms
+from normbench.datasets import DataSplits, load_dataset
+from normbench.errors import ConfigError
+from normbench.models import build_model, init_paired
+from normbench.stacked_layers import (
+    StackedBatchNorm,
+    StackedBatchRenorm,
+    StackedNet,
+    StackedReferenceBatchNorm,
+    unsupported_module,
+)
+from normbench.stacked_optim import StackedAdam, StackedPlateau, StackedSGD
+from normbench.train import EpochStats, pick_device
+
+Tensors = tuple[Tensor, Tensor]
+T = TypeVar("T")
+
+# Keys that may differ between the members of one stack.
+MEMBER_KEYS = ("lr", "seed")
+# Keys that do not change what a run computes (where it writes, how it reports).
+_IGNORED_KEYS = (
+    "results_dir",
+    "quiet",
+    "skip_done",
+    "threads",
+    "diagnostics_every",
+    "divergence_factor",
+    "stall_margin",
+)
+_BATCH_NORM_STACKS = (StackedBatchNorm, StackedReferenceBatchNorm, StackedBatchRenorm)
+
+
+def stack_unsupported(cfg: DictConfig) -> str | None:
+    """Why ``cfg`` cannot be trained in a stack (one line), or None when it can.
+
+    Builds the model on a stand-in input shape to check every module against what the
+    engine mirrors, so a norm added later is reported here rather than computed wrongly.
+    A config the single run rejects is reported too (the single run then says why).
+    """
+    if cfg.get("diagnostics", False):
+        return "diagnostics=true records per-layer statistics of one model; run it alone"
+    if cfg.optimizer.name not in ("sgd", "adam"):
+        return f"optimizer {cfg.optimizer.name!r} is not one the stacked engine implements"
+    scheduler = cfg.optimizer.get("scheduler")
+    if scheduler not in (None, "plateau"):
+        return f"optimizer.scheduler={scheduler!r} is not supported when stacked"
+    if "channels" in cfg.model:  # a CNN: any image the model accepts shows its modules
+        shape: tuple[int, ...] = (3, 32, 32)
+    else:
+        shape = tuple(cfg.dataset.get("shape", (64,)))
+    try:
+        model = build_model(cfg.model, cfg.norm, shape, 2)
+    except ConfigError as error:
+        return f"the config is invalid: {error}"
+    return unsupported_module(model)
+
+
+def stack_key(cfg: DictConfig) -> str:
+    """A string equal for configs that may share a stack: all keys but lr and seed equal."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key in (*MEMBER_KEYS, *_IGNORED_KEYS):
+        plain.pop(key, None)
+    return OmegaConf.to_yaml(OmegaConf.create(plain))
+
+
+def estimate_member_bytes(
+    cfg: DictConfig, input_shape: Sequence[int], num_outputs: int, n_examples: int = 0
+) -> int:
+    """A generous estimate of one member's memory in a stack, in bytes.
+
+    Parameters x (param, grad, optimizer state(s), update temporaries), plus every module's
+    output for one batch x 3 (kept for backward, its gradient, a temporary), plus
+    ``n_examples`` inputs (its data, when not shared with another member).
+    """
+    model = build_model(cfg.model, cfg.norm, input_shape, num_outputs)
+    params = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() for b in model.buffers())
+    activations = 0
+
+    def count(_module, _inputs, output):
+        nonlocal activations
+        activations += output.numel()
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    with torch.no_grad():
+        model.train()
+        model(torch.zeros(max(cfg.batch_size, 2), *input_shape))
+    for handle in handles:
+        handle.remove()
+    states = 2 if cfg.optimizer.name == "adam" else 1
+    per_example = math.prod(input_shape) + 1
+    floats = params * (3 + states) + buffers + 3 * activations + n_examples * per_example
+    return 4 * floats
+
+
+def chunk_members(
+    members: Sequence[T],
+    max_members: int | None = None,
+    max_bytes: int | None = None,
+    member_bytes: int = 0,
+) -> list[list[T]]:
+    """Split ``members`` into as few chunks as the caps allow, of near-equal sizes, in order.
+
+    No chunk holds more than ``max_members``, nor more than ``max_bytes // member_bytes``
+    members (at least one: a member too big for the budget runs alone).
+    """
+    cap = len(members) or 1
+    if max_members is not None:
+        cap = min(cap, max(max_members, 1))
+    if max_bytes is not None and member_bytes > 0:
+        cap = min(cap, max(max_bytes // member_bytes, 1))
+    n_chunks = math.ceil(len(members) / cap) if members else 0
+    chunks, start = [], 0
+    for i in range(n_chunks):
+        size = len(members) // n_chunks + (i < len(members) % n_chunks)
+        chunks.append(list(members[start : start + size]))
+        start += size
+    return chunks
+
+
+class StackedTrainer:
+    """K members (configs equal but for lr and seed) trained as one stacked model.
+
+    ``datasets`` optionally maps a seed to its already loaded :class:`DataSplits`; others are
+    loaded with ``load_dataset(cfg.dataset, seed)``. Raises ConfigError as a single run would
+    (batch larger than the training split, invalid settings) and NotImplementedError for a
+    config :func:`stack_unsupported` rejects.
+    """
+
+    def __init__(
+        self,
+        cfgs: Sequence[DictConfig],
+        datasets: Mapping[int, DataSplits] | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not cfgs:
+            raise ValueError("a stack needs at least one member")
+        keys = {stack_key(c) for c in cfgs}
+        if len(keys) > 1:
+            raise ValueError("stacked members must share every setting but lr and seed")
+        cfg = self.cfg = cfgs[0]
+        reason = stack_unsupported(cfg)
+        if reason is not None:
+            raise NotImplementedError(f"cannot stack: {reason}")
+        self.cfgs = list(cfgs)
+        self.K = len(cfgs)
+        self.device = pick_device(cfg.device) if device is None else torch.device(device)
+        self.batch_size = cfg.batch_size
+        seeds = [int(c.seed) for c in cfgs]
+        self.data: dict[int, DataSplits] = {}
+        for seed in dict.fromkeys(seeds):
+            self.data[seed] = (datasets or {}).get(seed) or load_dataset(cfg.dataset, seed)
+        first = self.data[seeds[0]]
+        self.task, self.input_shape, self.num_outputs = (
+            first.task,
+            first.input_shape,
+            first.num_outputs,
+        )
+        n_train = {len(d.train[0]) for d in self.data.values()}
+        if len(n_train) > 1:
+            raise ValueError(f"members' training splits differ in size: {sorted(n_train)}")
+        self.n_train = n_train.pop()
+        if cfg.batch_size > self.n_train:
+            raise ConfigError(
+                f"batch_size {cfg.batch_size} exceeds the {self.n_train} training examples"
+            )
+        # The training data of the distinct seeds, stacked: (S, N, ...) and which is whose.
+        order = list(self.data)
+        self.train_x = torch.stack([self.data[s].train[0] for s in order]).to(self.device)
+        self.train_y = torch.stack([self.data[s].train[1] for s in order]).to(self.device)
+        self.data_index = torch.tensor([order.index(s) for s in seeds], device=self.device)
+
+        models = []
+        for c in cfgs:  # exactly as experiment.prepare
+            model = build_model(c.model, c.norm, first.input_shape, first.num_outputs)
+            init_paired(model, c.seed)
+            torch.manual_seed(c.seed)
+            models.append(model)
+        self.template = models[0]
+        self.dropout_generators = [
+            torch.Generator(self.device).manual_seed(int(c.seed)) for c in cfgs
+        ]
+        self.order_generators = [torch.Generator().manual_seed(int(c.seed)) for c in cfgs]
+        self.net = StackedNet(models, self.dropout_generators).to(self.device)
+        self.freeze = bool(cfg.norm.get("freeze", False))
+        if self.freeze:
+            for module in self._frozen_norms():
+                for p in module.parameters():
+                    p.requires_grad_(False)
+        self.params = [p for p in self.net.parameters() if p.requires_grad]
+        self.optimizer = self._make_optimizer(models[0])
+        opt = cfg.optimizer
+        self.scheduler = (
+            StackedPlateau(self.optimizer, opt.plateau_patience, opt.plateau_factor)
+            if opt.get("scheduler") == "plateau"
+            else None
+        )
+        self.loss_fn = _cross_entropy if self.task == "classification" else _mse
+        self.active = list(range(self.K))  # members in the stack, in stack order
+        self.snapshots: dict[int, dict[str, Tensor]] = {}
+
+    # -- building -------------------------------------------------------------------------
+
+    def _frozen_norms(self) -> list[nn.Module]:
+        return [m for m in self.net.modules() if isinstance(m, _BATCH_NORM_STACKS)]
+
+    def _make_optimizer(self, template: nn.Module):
+        """As train.make_optimizer: norm parameters get no weight decay (by default)."""
+        opt = self.cfg.optimizer
+        weight_decay = float(opt.get("weight_decay", 0.0))
+        skip = norms.norm_parameters(template)
+        single = dict(template.named_parameters())
+        decays = []
+        for name, p in self.net.named_parameters():
+            if not p.requires_grad:
+                continue
+            exempt = not opt.get("norm_weight_decay", False) and id(single[name]) in skip
+            decays.append(0.0 if exempt else weight_decay)
+        lr = torch.tensor([float(c.lr) for c in self.cfgs], device=self.device)
+        if opt.name == "adam":
+            return StackedAdam(self.params, decays, lr)
+        return StackedSGD(self.params, decays, lr, momentum=float(opt.get("momentum", 0.0)))
+
+    # -- members --------------------------------------------------------------------------
+
+    def active_members(self) -> list[int]:
+        return list(self.active)
+
+    def lr(self, k: int) -> float:
+        """Member k's current learning rate (what a single run logs as ``lr_now``)."""
+        if k in self.active:
+            return float(self.optimizer.lr[self.active.index(k)])
+        return float(self.snapshots[k]["__lr__"])
+
+    def deactivate(self, k: int) -> None:
+        """Stop member ``k``: snapshot its state and take it out of the stack."""
+        if k not in self.active:
+            return
+        pos = self.active.index(k)
+        snapshot = self.member_state_dict(k)
+        snapshot["__lr__"] = self.optimizer.lr[pos].detach().clone()
+        self.snapshots[k] = snapshot
+        keep = [i for i in range(len(self.active)) if i != pos]
+        self.active.pop(pos)
+        if not self.active:
+            return
+        index = torch.tensor(keep, device=self.device)
+        with torch.no_grad():
+            for module in self.net.modules():
+                for p in module.parameters(recurse=False):
+                    p.data = p.data[index].contiguous()
+                    p.grad = None
+                for name, b in module.named_buffers(recurse=False):
+                    setattr(module, name, b[index].contiguous())
+                if hasattr(module, "K"):
+                    module.K = len(self.active)
+        self.optimizer.keep(index)
+        if self.scheduler is not None:
+            self.scheduler.keep(keep)
+        self.data_index = self.data_index[index]
+        for generators in (self.dropout_generators, self.order_generators):
+            generators[:] = [generators[i] for i in keep]
+
+    def member_state_dict(self, k: int) -> dict[str, Tensor]:
+        """Member k's state_dict: the single model's keys, shapes and dtypes."""
+        if k in self.snapshots:
+            return {key: v for key, v in self.snapshots[k].items() if key != "__lr__"}
+        pos = self.active.index(k)
+        return {key: v[pos].detach().clone() for key, v in self.net.state_dict().items()}
+
+    def member_module(self, k: int) -> nn.Module:
+        """A freshly built single model holding member k's parameters and buffers."""
+        c = self.cfgs[k]
+        model = build_model(c.model, c.norm, self.input_shape, self.num_outputs)
+        model.load_state_dict(self.member_state_dict(k))
+        return model.to(self.device)
+
+    # -- training -------------------------------------------------------------------------
+
+    def train_epoch(
+        self, on_step: Callable[[int, list[float]], None] | None = None
+    ) -> list[EpochStats | None]:
+        """One epoch for every active member; None for inactive ones.
+
+        ``on_step(step, losses)``, if given, gets each step's loss per member (nan for
+        inactive ones); it forces a sync per step.
+        """
+        if not self.active:
+            return [None] * self.K
+        net, batch = self.net, self.batch_size
+        net.train()
+        if self.freeze:
+            for module in self._frozen_norms():
+                module.eval()
+        k = len(self.active)
+        perms = torch.stack(
+            [torch.randperm(self.n_train, generator=g) for g in self.order_generators]
+        ).to(self.device)
+        classify = self.task == "classification"
+        loss_sum = torch.zeros(k, device=self.device)
+        first_loss = torch.full((k,), math.nan, device=self.device)
+        correct = torch.zeros(k, device=self.device, dtype=torch.int64)
+        grad_sum = torch.zeros(k, device=self.device)
+        steps = 0
+        rows = self.data_index.unsqueeze(1)
+        for start in range(0, self.n_train - batch + 1, batch):
+            index = perms[:, start : start + batch]
+            xb, yb = self.train_x[rows, index], self.train_y[rows, index]
+            self.optimizer.zero_grad()
+            out = net(xb)
+            losses = self.loss_fn(out, yb)
+            losses.sum().backward()
+            grad_sum += _member_grad_norms(self.params, k)
+            self.optimizer.step()
+            losses = losses.detach()
+            if steps == 0:
+                first_loss = losses
+            steps += 1
+            loss_sum.add_(losses, alpha=batch)
+            if classify:
+                correct += (out.detach().argmax(-1) == yb).sum(1)
+            if on_step is not None:
+                on_step(steps, self._spread(losses.tolist()))
+        seen = max(steps * batch, 1)
+        losses = (loss_sum / seen).tolist()
+        firsts = first_loss.tolist()
+        accs = (correct / seen).tolist() if classify else [math.nan] * k
+        grads = (grad_sum / max(steps, 1)).tolist()
+        stats = [
+            EpochStats(loss=loss, first_loss=first, acc=acc, grad_norm=grad, steps=steps)
+            for loss, first, acc, grad in zip(losses, firsts, accs, grads, strict=True)
+        ]
+        return self._spread(stats, None)
+
+    def _spread(self, values: list[Any], missing: Any = math.nan) -> list[Any]:
+        """Per-active-member values -> one per member (``missing`` for inactive ones)."""
+        out = [missing] * self.K
+        for pos, k in enumerate(self.active):
+            out[k] = values[pos]
+        return out
+
+    @torch.no_grad()
+    def evaluate(
+        self, split: str = "val", data: Sequence[Tensors] | None = None, batch_size: int = 1024
+    ) -> list[tuple[float, float] | None]:
+        """Mean loss and accuracy per member in eval mode, as ``train.evaluate``.
+
+        ``data``: one (x, y) per member (all of one length); by default each member's own
+        ``split`` ("val" or "test") of its seed's data. None for inactive members.
+        """
+        if not self.active:
+            return [None] * self.K
+        if data is None:
+            splits = [getattr(self.data[int(c.seed)], split) for c in self.cfgs]
+        else:
+            splits = list(data)
+        splits = [splits[k] for k in self.active]
+        if len({len(s[0]) for s in splits}) > 1:
+            raise ValueError("stacked evaluation needs every member's data of one length")
+        x = torch.stack([s[0] for s in splits]).to(self.device)
+        y = torch.stack([s[1] for s in splits]).to(self.device)
+        self.net.eval()
+        k, n = y.shape[:2]
+        classify = y.dtype == torch.int64
+        loss_sum = torch.zeros(k, device=self.device)
+        correct = torch.zeros(k, device=self.device, dtype=torch.int64)
+        for start in range(0, n, batch_size):
+            xb, yb = x[:, start : start + batch_size], y[:, start : start + batch_size]
+            out = self.net(xb)
+            loss_sum.add_(self.loss_fn(out, yb) * yb.shape[1])
+            if classify:
+                correct += (out.argmax(-1) == yb).sum(1)
+        losses = (loss_sum / n).tolist()
+        accs = (correct / n).tolist() if classify else [math.nan] * k
+        return self._spread(list(zip(losses, accs, strict=True)), None)
+
+    def scheduler_step(self, val_losses: Sequence[float]) -> None:
+        """ReduceLROnPlateau per member (optimizer.scheduler=plateau); one loss per member."""
+        if self.scheduler is not None:
+            self.scheduler.step([val_losses[k] for k in self.active])
+
+
+def _cross_entropy(out: Tensor, y: Tensor) -> Tensor:
+    """(K, B, classes), (K, B) -> (K,) mean losses."""
+    k, b = y.shape
+    return (
+        F.cross_entropy(out.reshape(k * b, -1), y.reshape(k * b), reduction="none")
+        .view(k, b)
+        .mean(1)
+    )
+
+
+def _mse(out: Tensor, y: Tensor) -> Tensor:
+    return (out - y).pow(2).flatten(1).mean(1)
+
+
+def _member_grad_norms(params: Sequence[Tensor], k: int) -> Tensor:
+    """Each member's global gradient norm (train_one_epoch's), as a (K,) tensor."""
+    norms_ = [
+        torch.linalg.vector_norm(p.grad.reshape(k, -1), dim=1) for p in params if p.grad is not None
+    ]
+    if not norms_:
+        return torch.zeros(k, device=params[0].device if params else None)
+    return torch.linalg.vector_norm(torch.stack(norms_), dim=0)

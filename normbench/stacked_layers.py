@@ -1,0 +1,415 @@
+"""Hand-stacked layers: K copies of one :class:`~normbench.models.Net` as one network.
+
+Every parameter and buffer is stored as ``(K, *single_shape)`` under the single model's own
+name, so the stacked ``state_dict`` has the single model's keys and ``tensor[k]`` is member
+k's value. Activations travel in two layouts:
+
+- feature maps as ``(B, K*C, H, W)``: member k owns channels ``k*C:(k+1)*C``. Convs are
+  grouped convs (groups=K); batch, instance and group norms see K*C channels (K*G groups), so
+  each member is normalized over its own batch and channels only; max-pooling is per channel.
+- features as ``(K, B, F)``: Linear is a batched matmul; norms over the batch move to
+  ``(B, K*F)`` and back.
+
+Nothing ever reduces across members, so one member's data (or its NaNs) cannot reach another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from normbench.batch_renorm import BatchRenorm, _ramp
+from normbench.models import Block, Net
+from normbench.reference_batchnorm import BatchNormFunction, ReferenceBatchNorm
+
+# Modules reused as they are: they act per element or per channel.
+_ELEMENTWISE = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.Identity)
+
+
+def _stack(templates: Sequence[nn.Module], name: str) -> Tensor | None:
+    values = [getattr(m, name) for m in templates]
+    if values[0] is None:
+        return None
+    return torch.stack([v.detach() for v in values]).clone()
+
+
+class _Stacked(nn.Module):
+    """Registers each template's parameters and buffers stacked along a new dim 0."""
+
+    def __init__(self, templates: Sequence[nn.Module], params=(), buffers=()):
+        super().__init__()
+        self.K = len(templates)
+        for name in params:
+            value = _stack(templates, name)
+            if value is None:
+                self.register_parameter(name, None)
+            else:
+                requires_grad = getattr(templates[0], name).requires_grad
+                self.register_parameter(name, nn.Parameter(value, requires_grad=requires_grad))
+        for name in buffers:
+            self.register_buffer(name, _stack(templates, name))
+
+
+def _to_channels(x: Tensor) -> Tensor:
+    """(K, B, F) -> (B, K*F)."""
+    k, b, f = x.shape
+    return x.transpose(0, 1).reshape(b, k * f)
+
+
+def _from_channels(y: Tensor, k: int) -> Tensor:
+    """(B, K*F) -> (K, B, F)."""
+    return y.view(y.shape[0], k, -1).transpose(0, 1)
+
+
+def _flat(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.view(-1)
+
+
+class StackedLinear(_Stacked):
+    def __init__(self, templates: Sequence[nn.Linear]):
+        super().__init__(templates, params=("weight", "bias"))
+
+    def forward(self, x: Tensor) -> Tensor:  # (K, B, in) -> (K, B, out)
+        # As W @ x^T: the weight's gradient (grad^T @ x) then comes out contiguous in the
+        # weight's own layout, where x @ W^T would give it transposed, to be copied every step.
+        xt = x.transpose(1, 2)
+        if self.bias is None:
+            return torch.bmm(self.weight, xt).transpose(1, 2)
+        return torch.baddbmm(self.bias.unsqueeze(2), self.weight, xt).transpose(1, 2)
+
+
+class StackedConv2d(_Stacked):
+    def __init__(self, templates: Sequence[nn.Conv2d]):
+        super().__init__(templates, params=("weight", "bias"))
+        t = templates[0]
+        self.stride, self.padding, self.dilation = t.stride, t.padding, t.dilation
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, K*in, H, W) -> (B, K*out, H', W')
+        weight = self.weight.view(-1, *self.weight.shape[2:])
+        return F.conv2d(
+            x, weight, _flat(self.bias), self.stride, self.padding, self.dilation, groups=self.K
+        )
+
+
+class _StackedNorm(_Stacked):
+    """A norm over K*C channels; ``spatial`` says which layout its input comes in."""
+
+    def __init__(self, templates, spatial: bool, params=(), buffers=()):
+        super().__init__(templates, params, buffers)
+        self.spatial = spatial
+        t = templates[0]
+        self.eps = t.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.spatial:
+            return self.normalize(x)
+        return _from_channels(self.normalize(_to_channels(x)), self.K)
+
+    def normalize(self, x: Tensor) -> Tensor:  # (B, K*C, ...) -> same
+        raise NotImplementedError
+
+
+_BN_STATE = dict(
+    params=("weight", "bias"), buffers=("running_mean", "running_var", "num_batches_tracked")
+)
+
+
+class StackedBatchNorm(_StackedNorm):
+    """nn.BatchNorm1d / nn.BatchNorm2d, as ``_BatchNorm.forward``."""
+
+    def __init__(self, templates, spatial: bool):
+        super().__init__(templates, spatial, **_BN_STATE)
+        self.momentum = templates[0].momentum
+        self.track_running_stats = templates[0].track_running_stats
+
+    def normalize(self, x: Tensor) -> Tensor:
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative average; members step together
+                factor = 1.0 / float(self.num_batches_tracked[0])
+        bn_training = self.training or self.running_mean is None
+        use_stats = not self.training or self.track_running_stats
+        return F.batch_norm(
+            x,
+            _flat(self.running_mean) if use_stats else None,
+            _flat(self.running_var) if use_stats else None,
+            _flat(self.weight),
+            _flat(self.bias),
+            bn_training,
+            factor,
+            self.eps,
+        )
+
+
+class StackedReferenceBatchNorm(_StackedNorm):
+    """normbench's ReferenceBatchNorm (its own autograd Function, over K*C columns)."""
+
+    def __init__(self, templates, spatial: bool):
+        super().__init__(templates, spatial, **_BN_STATE)
+        self.momentum = templates[0].momentum
+        self.num_features = templates[0].num_features
+
+    def normalize(self, x: Tensor) -> Tensor:
+        channels = self.K * self.num_features
+        channels_last = x.movedim(1, -1)
+        gamma = _flat(self.weight) if self.weight is not None else x.new_ones(channels)
+        beta = _flat(self.bias) if self.bias is not None else x.new_zeros(channels)
+        if not (self.training or self.running_mean is None):
+            x_hat = (channels_last - _flat(self.running_mean)) / torch.sqrt(
+                _flat(self.running_var) + self.eps
+            )
+            return (gamma * x_hat + beta).movedim(-1, 1)
+        rows = channels_last.reshape(-1, channels)
+        if rows.shape[0] < 2:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {x.shape}"
+            )
+        y, mean, var = BatchNormFunction.apply(rows, gamma, beta, self.eps)
+        if self.training and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                n = rows.shape[0]
+                factor = (
+                    1 / int(self.num_batches_tracked[0]) if self.momentum is None else self.momentum
+                )
+                _flat(self.running_mean).lerp_(mean, factor)
+                _flat(self.running_var).lerp_(var * n / (n - 1), factor)
+        return y.reshape(channels_last.shape).movedim(-1, 1)
+
+
+class StackedBatchRenorm(_StackedNorm):
+    """normbench's BatchRenorm; rmax and dmax follow each member's own step count."""
+
+    def __init__(self, templates, spatial: bool):
+        super().__init__(
+            templates,
+            spatial,
+            params=("weight", "bias"),
+            buffers=("running_mean", "running_std", "num_batches_tracked"),
+        )
+        t: BatchRenorm = templates[0]
+        self.momentum = t.momentum
+        self.rmax, self.dmax = t.rmax, t.dmax
+        self.warmup_steps = t.warmup_steps
+        self.rmax_ramp_steps, self.dmax_ramp_steps = t.rmax_ramp_steps, t.dmax_ramp_steps
+        self.num_features = t.num_features
+
+    def _per_channel(self, values: Tensor) -> Tensor:  # (K,) -> (K*C,)
+        return values.repeat_interleave(self.num_features)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        channels = self.K * self.num_features
+        channels_last = x.movedim(1, -1)
+        mean_run, std_run = _flat(self.running_mean), _flat(self.running_std)
+        if self.training:
+            if x.numel() // channels < 2:
+                raise ValueError(
+                    "Expected more than 1 value per channel when training, "
+                    f"got input size {x.shape}"
+                )
+            dims = tuple(range(channels_last.dim() - 1))
+            mean = channels_last.mean(dims)
+            std = torch.sqrt(channels_last.var(dims, unbiased=False) + self.eps)
+            step = self.num_batches_tracked - self.warmup_steps
+            rmax = self._per_channel(1 + (self.rmax - 1) * _ramp(step, self.rmax_ramp_steps))
+            dmax = self._per_channel(self.dmax * _ramp(step, self.dmax_ramp_steps))
+            with torch.no_grad():
+                r = torch.clamp(std / std_run, 1 / rmax, rmax)
+                d = torch.clamp((mean - mean_run) / std_run, -dmax, dmax)
+                self.num_batches_tracked += 1
+                factor = (
+                    1 / int(self.num_batches_tracked[0]) if self.momentum is None else self.momentum
+                )
+                mean_run.lerp_(mean, factor)
+                std_run.lerp_(std, factor)
+            x_hat = (channels_last - mean) / std * r + d
+        else:
+            x_hat = (channels_last - mean_run) / std_run
+        if self.weight is not None:
+            x_hat = x_hat * _flat(self.weight) + _flat(self.bias)
+        return x_hat.movedim(-1, 1)
+
+
+class StackedGroupNorm(_StackedNorm):
+    """nn.GroupNorm(G, C) (and the spatial layer norm GroupNorm(1, C)) as GroupNorm(K*G, K*C)."""
+
+    def __init__(self, templates, spatial: bool):
+        super().__init__(templates, spatial, params=("weight", "bias"))
+        self.num_groups = templates[0].num_groups
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return F.group_norm(
+            x, self.K * self.num_groups, _flat(self.weight), _flat(self.bias), self.eps
+        )
+
+
+class StackedInstanceNorm2d(_StackedNorm):
+    """nn.InstanceNorm2d over K*C channels, as ``_InstanceNorm._apply_instance_norm``."""
+
+    def __init__(self, templates, spatial: bool):
+        super().__init__(templates, spatial, **_BN_STATE)
+        self.momentum = templates[0].momentum
+        self.track_running_stats = templates[0].track_running_stats
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return F.instance_norm(
+            x,
+            _flat(self.running_mean),
+            _flat(self.running_var),
+            _flat(self.weight),
+            _flat(self.bias),
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0,
+            self.eps,
+        )
+
+
+class StackedLayerNorm(_Stacked):
+    """nn.LayerNorm over the last dimension of (K, B, F) features, affine per member."""
+
+    def __init__(self, templates: Sequence[nn.LayerNorm], spatial: bool):
+        super().__init__(templates, params=("weight", "bias"))
+        t = templates[0]
+        self.normalized_shape, self.eps = t.normalized_shape, t.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        if self.weight is not None:
+            y = torch.addcmul(self.bias.unsqueeze(1), y, self.weight.unsqueeze(1))
+        return y
+
+
+class StackedDropout(nn.Module):
+    """nn.Dropout with each member's mask drawn from its own generator.
+
+    A single run seeds the global generator with its seed after building its model, and only
+    dropout draws from it while training; a generator seeded the same way per member replays
+    the same masks (``bernoulli_(1 - p)`` then ``/ (1 - p)``, what nn.Dropout does on the CPU).
+    """
+
+    def __init__(self, template: nn.Dropout, spatial: bool, generators: list[torch.Generator]):
+        super().__init__()
+        self.p, self.spatial, self.generators = template.p, spatial, generators
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = 1 - self.p
+        if self.spatial:  # (B, K*C, H, W): member k's (B, C, H, W) slice
+            b, kc, *hw = x.shape
+            shape = (b, kc // len(self.generators), *hw)
+            dim = 1
+        else:
+            shape, dim = x.shape[1:], 0
+        masks = [
+            x.new_empty(shape).bernoulli_(keep, generator=g).div_(keep) for g in self.generators
+        ]
+        return x * torch.stack(masks, dim).reshape(x.shape)
+
+
+_NORMS: dict[type, type] = {
+    nn.BatchNorm1d: StackedBatchNorm,
+    nn.BatchNorm2d: StackedBatchNorm,
+    ReferenceBatchNorm: StackedReferenceBatchNorm,
+    BatchRenorm: StackedBatchRenorm,
+    nn.GroupNorm: StackedGroupNorm,
+    nn.InstanceNorm2d: StackedInstanceNorm2d,
+    nn.LayerNorm: StackedLayerNorm,
+}
+SUPPORTED_MODULES: tuple[type, ...] = (
+    Net,
+    Block,
+    nn.ModuleList,
+    nn.Linear,
+    nn.Conv2d,
+    nn.MaxPool2d,
+    nn.Dropout,
+    *_ELEMENTWISE,
+    *_NORMS,
+)
+
+
+def unsupported_module(model: nn.Module) -> str | None:
+    """A one-line reason if ``model`` holds a module (or setting) the stacking cannot mirror."""
+    for name, module in model.named_modules():
+        kind = type(module)
+        what = f"its {name or 'model'} is a {kind.__name__}"
+        if kind not in SUPPORTED_MODULES:
+            return f"{what}, which the stacked engine does not know"
+        if kind is nn.Conv2d and (module.padding_mode != "zeros" or module.groups != 1):
+            return f"{what} with a padding_mode or groups the stacked engine does not mirror"
+        if kind is nn.LayerNorm and len(module.normalized_shape) != 1:
+            return f"{what} over several dims, which the stacked engine does not mirror"
+        if kind is nn.LayerNorm and module.bias is None and module.weight is not None:
+            return f"{what} without bias, which the stacked engine does not mirror"
+    return None
+
+
+class StackedBlock(nn.Module):
+    """Mirrors :class:`~normbench.models.Block` (same submodule names)."""
+
+    def __init__(self, templates: Sequence[Block], spatial: bool, generators):
+        super().__init__()
+        t = templates[0]
+        if spatial:
+            self.layer = StackedConv2d([b.layer for b in templates])
+        else:
+            self.layer = StackedLinear([b.layer for b in templates])
+        if isinstance(t.norm, nn.Identity):
+            self.norm = nn.Identity()
+        else:
+            self.norm = _NORMS[type(t.norm)]([b.norm for b in templates], spatial)
+        self.act = t.act
+        self.norm_first = t.norm_first
+        self.pool = t.pool
+        if isinstance(t.dropout, nn.Dropout):
+            self.dropout = StackedDropout(t.dropout, spatial, generators)
+        else:
+            self.dropout = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layer(x)
+        x = self.act(self.norm(x)) if self.norm_first else self.norm(self.act(x))
+        return self.dropout(self.pool(x))
+
+
+class StackedNet(nn.Module):
+    """K :class:`~normbench.models.Net` s of one architecture as one module.
+
+    ``forward`` takes (K, B, *input_shape) and returns (K, B, outputs).
+    """
+
+    def __init__(self, models: Sequence[Net], generators: list[torch.Generator]):
+        super().__init__()
+        reason = unsupported_module(models[0])
+        if reason is not None:
+            raise NotImplementedError(f"cannot stack this model: {reason}")
+        self.K = len(models)
+        self.num_conv = models[0].num_conv
+        self.blocks = nn.ModuleList(
+            StackedBlock([m.blocks[i] for m in models], i < self.num_conv, generators)
+            for i in range(len(models[0].blocks))
+        )
+        self.head = StackedLinear([m.head for m in models])
+
+    def forward(self, x: Tensor) -> Tensor:
+        k, b = x.shape[:2]
+        spatial = self.num_conv > 0
+        # images (K, B, C, H, W) -> maps (B, K*C, H, W); vectors -> (K, B, F)
+        x = x.transpose(0, 1).reshape(b, -1, *x.shape[3:]) if spatial else x.reshape(k, b, -1)
+        for index, block in enumerate(self.blocks):
+            if index == self.num_conv and spatial:
+                x, spatial = _maps_to_features(x, k), False
+            x = block(x)
+        if spatial:
+            x = _maps_to_features(x, k)
+        return self.head(x)
+
+
+def _maps_to_features(x: Tensor, k: int) -> Tensor:
+    """(B, K*C, H, W) -> (K, B, C*H*W), each member's features in Net's flatten order."""
+    return x.reshape(x.shape[0], k, -1).transpose(0, 1)

@@ -1,0 +1,435 @@
+"""The stacked engine (normbench.stacked) against normbench's own single-run training.
+
+Every member of a stack must train exactly as the same run alone: train.train_one_epoch on a
+model built as experiment.prepare builds it. Float32 on the CPU, one thread.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _use_this_checkout_configs() -> None:
+    """Compose this checkout's configs/, not those of whichever checkout is installed.
+
+    ``normbench.configs`` maps to the installed checkout's configs/ (an editable install of
+    another worktree, say), which need not match this checkout's schema.
+    """
+    try:
+        import normbench.configs as installed
+    except ImportError:
+        installed = None
+    if installed is not None and Path(installed.__file__).resolve().parent == ROOT / "configs":
+        return
+    spec = importlib.util.spec_from_file_location(
+        "normbench.configs",
+        ROOT / "configs" / "__init__.py",
+        submodule_search_locations=[str(ROOT / "configs")],
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["normbench.configs"] = module
+    spec.loader.exec_module(module)
+    import normbench
+
+    normbench.configs = module
+
+
+_use_this_checkout_configs()
+
+from normbench import norms  # noqa: E402
+from normbench.app import compose_config  # noqa: E402
+from normbench.datasets import DataSplits, load_dataset  # noqa: E402
+from normbench.models import build_model, init_paired, mlp  # noqa: E402
+from normbench.stacked import (  # noqa: E402
+    StackedTrainer,
+    chunk_members,
+    estimate_member_bytes,
+    stack_key,
+    stack_unsupported,
+)
+from normbench.stacked_layers import unsupported_module  # noqa: E402
+from normbench.train import evaluate, make_optimizer, make_scheduler, train_one_epoch  # noqa: E402
+
+SMALL = [
+    "epochs=1",
+    "quiet=true",
+    "dataset.train_size=240",
+    "dataset.test_size=60",
+    "dataset.limit=240",
+    "device=cpu",
+]
+MODELS = ["mlp", "ioffe_mlp", "lenet", "convnet"]
+NORMS = [
+    "none",
+    "batch",
+    "batch_cumulative",
+    "batch_frozen",
+    "batch_momentum005",
+    "batch_noaffine",
+    "batch_nostats",
+    "batch_renorm",
+    "group",
+    "instance",
+    "layer",
+    "reference_batch",
+]
+# (lr, seed) of the three members: two share a seed (and so their data), one does not.
+# lrs at which the small CNNs train stably on toy data: at lr 0.05 and batch 10 the convnet's
+# loss jumps between 3 and 20, and float32 rounding differences of 1e-7 (stacked kernels
+# reduce in another order) grow past 1e-4 within 20 steps: chaos, not a difference of method.
+MEMBERS = [(0.02, 0), (0.005, 1), (0.01, 0)]
+REL = 1e-4  # per-step training losses, and the epoch's statistics
+# The stacked kernels (BN over K*C channels, grouped convs, bmm) reduce in another order than
+# the single model's, and training amplifies float32 rounding, most at large lr: after three
+# epochs at lr 0.1 the convnet's evaluations agree to this (after 21 steps, to REL):
+REL_FINAL = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+_COMPOSED: dict[tuple[str, ...], object] = {}
+
+
+def compose(*overrides: str):
+    key = tuple(overrides)
+    if key not in _COMPOSED:
+        _COMPOSED[key] = compose_config([*SMALL, *overrides])[0]
+    return copy.deepcopy(_COMPOSED[key])
+
+
+def members(*overrides: str, grid=MEMBERS):
+    cfgs = []
+    for lr, seed in grid:
+        cfg = compose(*overrides)
+        cfg.lr, cfg.seed = lr, seed
+        cfgs.append(cfg)
+    return cfgs
+
+
+class Recording(nn.Module):
+    """A loss function that records each step's loss (train_one_epoch gives only the mean)."""
+
+    def __init__(self, task: str):
+        super().__init__()
+        self.inner = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
+        self.losses: list[float] = []
+
+    def forward(self, out, y):
+        loss = self.inner(out, y)
+        self.losses.append(loss.item())
+        return loss
+
+
+def single_run(cfg, epochs: int = 1, data: DataSplits | None = None):
+    """normbench's single run: experiment.prepare's build, train_one_epoch, evaluate."""
+    data = data or load_dataset(cfg.dataset, cfg.seed)
+    model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs)
+    init_paired(model, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr)
+    scheduler = make_scheduler(optimizer, cfg.optimizer)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loss_fn = Recording(data.task)
+    stats, val, lrs = [], [], []
+    for _ in range(epochs):
+        stats.append(
+            train_one_epoch(
+                model,
+                optimizer,
+                loss_fn,
+                data.train,
+                cfg.batch_size,
+                generator,
+                freeze_norms=norms.is_frozen(cfg.norm),
+            )
+        )
+        val.append(evaluate(model, loss_fn.inner, data.val))
+        if scheduler is not None:
+            scheduler.step(val[-1][0])
+        lrs.append(optimizer.param_groups[0]["lr"])
+    return loss_fn.losses, stats, val, model, lrs
+
+
+def stacked_run(cfgs, epochs: int = 1, **kwargs):
+    trainer = StackedTrainer(cfgs, **kwargs)
+    losses: list[list[float]] = []
+    stats, val, lrs = [], [], []
+    for _ in range(epochs):
+        stats.append(trainer.train_epoch(on_step=lambda step, ls: losses.append(ls)))
+        val.append(trainer.evaluate("val"))
+        trainer.scheduler_step([v[0] for v in val[-1]])
+        lrs.append([trainer.lr(k) for k in range(len(cfgs))])
+    return trainer, losses, stats, val, lrs
+
+
+def close(a: float, b: float, rel: float = REL) -> bool:
+    return a == b or abs(a - b) <= rel * max(abs(a), abs(b), 1e-6)
+
+
+def assert_member_matches(trainer, k, single, stacked_losses, stats, val, steps=20):
+    losses, single_stats, single_val, model, _ = single
+    for step in range(steps):
+        assert close(stacked_losses[step][k], losses[step]), (step, stacked_losses[step][k])
+    s, t = single_stats[-1], stats[-1][k]
+    assert s.steps == t.steps
+    for field in ("loss", "first_loss", "grad_norm"):
+        assert close(getattr(s, field), getattr(t, field)), field
+    if not math.isnan(s.acc):
+        assert abs(s.acc - t.acc) < 1e-6
+    assert close(single_val[-1][0], val[-1][k][0])
+    state = trainer.member_state_dict(k)
+    assert state.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert state[key].shape == value.shape and state[key].dtype == value.dtype, key
+        torch.testing.assert_close(state[key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+
+# -- 1. agreement with per-run training ----------------------------------------------------
+
+VARIANTS = {
+    "renorm_active": ("norm=batch_renorm", "norm.warmup_steps=0", "norm.rmax_ramp_steps=4",
+                      "norm.dmax_ramp_steps=4", "model=convnet"),
+    "renorm_active_mlp": ("norm=batch_renorm", "norm.warmup_steps=2", "norm.rmax_ramp_steps=4",
+                          "norm.dmax_ramp_steps=4", "norm.momentum=null", "model=mlp"),
+    "dropout_mlp": ("model=mlp", "model.dropout=0.3"),
+    "dropout_convnet": ("model=convnet", "model.dropout=0.2", "norm=group"),
+    "momentum_decay": ("model=lenet", "optimizer.momentum=0.9", "optimizer.weight_decay=0.01"),
+    "norm_decay": ("model=mlp", "optimizer.weight_decay=0.01", "optimizer.norm_weight_decay=true",
+                   "optimizer.momentum=0.5"),
+    "adam": ("model=convnet", "optimizer=adam", "optimizer.weight_decay=0.001", "norm=layer"),
+    "after_activation": ("model=lenet", "model.norm_position=after_activation",
+                         "model.activation=tanh"),
+    "regression": ("model=mlp", "dataset.task=regression", "model.activation=gelu"),
+}  # fmt: skip
+
+
+def _check_agreement(overrides, grid=MEMBERS):
+    cfgs = members(*overrides, grid=grid)
+    reason = stack_unsupported(cfgs[0])
+    assert reason is None, reason
+    trainer, losses, stats, val, _ = stacked_run(cfgs)
+    for k, cfg in enumerate(cfgs):
+        assert_member_matches(trainer, k, single_run(cfg), losses, stats, val)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("model", MODELS)
+def test_members_train_as_single_runs(model, norm):
+    overrides = (f"model={model}", f"norm={norm}", "batch_size=10")  # 21 steps
+    if model.endswith("mlp") and norm == "instance":
+        assert "invalid" in stack_unsupported(compose(*overrides[:2]))
+        return
+    _check_agreement(overrides)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_train_as_single_runs(variant):
+    lrs = [(0.005, 0), (0.002, 1), (0.01, 0)] if "adam" in variant else MEMBERS
+    _check_agreement((*VARIANTS[variant], "batch_size=10"), grid=lrs)
+
+
+def test_plateau_scheduler_per_member():
+    overrides = ("model=mlp", "model.hidden=[32,16]", "optimizer.scheduler=plateau",
+                 "optimizer.plateau_patience=0", "batch_size=32")  # fmt: skip
+    grid = [(0.5, 0), (0.05, 1), (2.0, 2)]
+    cfgs = members(*overrides, grid=grid)
+    trainer, losses, stats, val, lrs = stacked_run(cfgs, epochs=4)
+    for k, cfg in enumerate(cfgs):
+        single = single_run(cfg, epochs=4)
+        assert single[4] == pytest.approx([lr[k] for lr in lrs], rel=1e-6)
+        assert_member_matches(trainer, k, single, losses, stats, val, steps=len(losses))
+    assert any(lr[k] < grid[k][0] for lr in lrs for k in range(3))  # some lr was cut
+
+
+# -- 2. members never mix -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["mlp", "convnet"])
+@pytest.mark.parametrize("norm", ["batch", "batch_renorm", "reference_batch", "group"])
+def test_one_members_data_reaches_no_other(model, norm):
+    grid = [(0.05, 0), (0.05, 1), (0.05, 2)]
+    cfgs = members(f"model={model}", f"norm={norm}", "batch_size=16", grid=grid)
+    clean = {seed: load_dataset(cfgs[0].dataset, seed) for _, seed in grid}
+    poisoned = dict(clean)
+    x, y = clean[1].train
+    bad = x.clone()
+    bad[::3] = float("nan")  # NaNs: any leak would show everywhere
+    bad[1::3] *= 100
+    poisoned[1] = DataSplits(
+        (bad, y), clean[1].val, None, clean[1].input_shape, clean[1].num_outputs, clean[1].task
+    )
+    a = stacked_run(cfgs, datasets=clean)
+    b = stacked_run(cfgs, datasets=poisoned)
+    assert math.isnan(b[2][0][1].loss)  # the poisoned member did see its data
+    for k in (0, 2):
+        for step_a, step_b in zip(a[1], b[1], strict=True):
+            assert abs(step_a[k] - step_b[k]) <= 1e-6 * abs(step_a[k])
+        state_a, state_b = a[0].member_state_dict(k), b[0].member_state_dict(k)
+        for key in state_a:  # running statistics included
+            torch.testing.assert_close(state_a[key], state_b[key], rtol=1e-6, atol=1e-7)
+        assert a[3][0][k] == pytest.approx(b[3][0][k], rel=1e-6)
+
+
+# -- 3. divergence masking ------------------------------------------------------------------
+
+
+def _diverged(stats, first_loss: float, factor: float = 1e3) -> bool:
+    return not math.isfinite(stats.loss) or stats.loss > factor * max(first_loss, 1e-12)
+
+
+@pytest.mark.parametrize("model, norm", [("mlp", "none"), ("convnet", "batch")])
+def test_diverging_member_stops_and_others_go_on(model, norm):
+    grid = [(0.05, 0), (1e6, 1), (0.1, 2)]
+    overrides = (f"model={model}", f"norm={norm}", "batch_size=16")
+    cfgs = members(*overrides, grid=grid)
+    trainer = StackedTrainer(cfgs)
+    alone = StackedTrainer([cfgs[0], cfgs[2]])
+    first = trainer.train_epoch()
+    first_alone = alone.train_epoch()
+    assert _diverged(first[1], first[1].first_loss)
+    for k in (0, 2):
+        assert not _diverged(first[k], first[k].first_loss)
+    trainer.deactivate(1)
+    frozen = trainer.member_state_dict(1)
+    assert trainer.active_members() == [0, 2]
+    stats, stats_alone = [first], [first_alone]
+    for _ in range(2):
+        stats.append(trainer.train_epoch())
+        stats_alone.append(alone.train_epoch())
+    assert stats[-1][1] is None and trainer.evaluate()[1] is None
+    for key, value in trainer.member_state_dict(1).items():  # nothing moved
+        assert torch.equal(value, frozen[key]) or (value.isnan() == frozen[key].isnan()).all()
+    val, val_alone = trainer.evaluate(), alone.evaluate()
+    for k, j in ((0, 0), (2, 1)):
+        for epoch in range(3):
+            assert close(stats[epoch][k].loss, stats_alone[epoch][j].loss, 1e-5)
+            assert close(stats[epoch][k].grad_norm, stats_alone[epoch][j].grad_norm, 1e-5)
+        assert close(val[k][0], val_alone[j][0], 1e-5)
+        single = single_run(cfgs[k], epochs=3)
+        assert close(val[k][0], single[2][-1][0], REL_FINAL)
+
+
+# -- 4. a 3-seed x 5-lr grid ----------------------------------------------------------------
+
+
+def test_grid_matches_per_run_training_in_chunks():
+    grid = [(lr, seed) for seed in (0, 1, 2) for lr in (0.01, 0.03, 0.1, 0.3, 1.0)]
+    cfgs = members("model=mlp", "norm=batch", "batch_size=32", grid=grid)
+    chunks = chunk_members(list(range(len(cfgs))), max_members=8)
+    assert [len(c) for c in chunks] == [8, 7]
+    results: dict[int, tuple] = {}
+    for chunk in chunks:
+        trainer, _, stats, val, _ = stacked_run([cfgs[i] for i in chunk], epochs=2)
+        for pos, i in enumerate(chunk):
+            results[i] = (stats[-1][pos], val[-1][pos], trainer.evaluate("test")[pos])
+    for i, cfg in enumerate(cfgs):
+        _, stats, val, model, _ = single_run(cfg, epochs=2)
+        data = load_dataset(cfg.dataset, cfg.seed)
+        test = evaluate(model, nn.CrossEntropyLoss(), data.test)
+        got_stats, got_val, got_test = results[i]
+        assert close(got_stats.loss, stats[-1].loss), i
+        assert close(got_val[0], val[-1][0]) and abs(got_val[1] - val[-1][1]) < 1e-6, i
+        assert close(got_test[0], test[0]) and abs(got_test[1] - test[1]) < 1e-6, i
+
+
+# -- 5. what cannot be stacked --------------------------------------------------------------
+
+
+def test_stack_unsupported_names_what_it_cannot_stack():
+    for model in MODELS:
+        for norm in NORMS:
+            reason = stack_unsupported(compose(f"model={model}", f"norm={norm}"))
+            if model.endswith("mlp") and norm == "instance":
+                assert reason is not None and "instance" in reason
+            else:
+                assert reason is None, (model, norm, reason)
+    assert stack_unsupported(compose("optimizer=adam")) is None
+    assert stack_unsupported(compose("optimizer.scheduler=plateau")) is None
+    assert "diagnostics" in stack_unsupported(compose("diagnostics=true"))
+    # a norm module the engine does not know (one added to norms.py later, say)
+    net = mlp((8,), 3, [4], lambda c: nn.RMSNorm(c), activation="relu")
+    assert "RMSNorm" in unsupported_module(net)
+    net = mlp((8,), 3, [4], lambda c: nn.LayerNorm(c, bias=False), activation="relu")
+    assert "without bias" in unsupported_module(net)
+    with pytest.raises(NotImplementedError, match="diagnostics"):
+        StackedTrainer([compose("diagnostics=true")])
+
+
+def test_members_must_differ_only_in_lr_and_seed():
+    a, b = compose("model=mlp"), compose("model=mlp", "batch_size=16")
+    assert stack_key(a) != stack_key(b)
+    c = compose("model=mlp")
+    c.lr, c.seed = 3.0, 7
+    assert stack_key(a) == stack_key(c)
+    with pytest.raises(ValueError, match="lr and seed"):
+        StackedTrainer([a, b])
+
+
+# -- 6. members as single models ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "model, norm",
+    [("convnet", "batch"), ("lenet", "batch_renorm"), ("mlp", "layer"), ("convnet", "instance")],
+)
+def test_member_module_is_the_single_model(model, norm):
+    cfgs = members(f"model={model}", f"norm={norm}", "batch_size=16")
+    trainer = StackedTrainer(cfgs)
+    trainer.train_epoch()
+    data = load_dataset(cfgs[1].dataset, cfgs[1].seed)
+    x = data.val[0]
+    trainer.net.eval()
+    with torch.no_grad():
+        stacked_out = trainer.net(x.expand(3, *x.shape))
+    for k, cfg in enumerate(cfgs):
+        fresh = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs)
+        fresh.load_state_dict(trainer.member_state_dict(k))  # strict: same keys
+        fresh.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(x), stacked_out[k], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                trainer.member_module(k).eval()(x), stacked_out[k], rtol=1e-5, atol=1e-5
+            )
+        loss, acc = evaluate(fresh, nn.CrossEntropyLoss(), data.val)
+        got = trainer.evaluate(data=[data.val] * 3)[k]
+        assert close(loss, got[0], 1e-5) and abs(acc - got[1]) < 1e-6
+
+
+# -- memory cap -----------------------------------------------------------------------------
+
+
+def test_chunk_members_respects_both_caps():
+    assert chunk_members(list(range(15)), max_members=4) == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [8, 9, 10, 11],
+        [12, 13, 14],
+    ]
+    assert [len(c) for c in chunk_members(list(range(10)), max_bytes=350, member_bytes=100)] == [
+        3,
+        3,
+        2,
+        2,
+    ]
+    assert chunk_members([1, 2], max_bytes=10, member_bytes=100) == [[1], [2]]  # one at a time
+    assert chunk_members([]) == []
+    cfg = compose("model=convnet")
+    small = estimate_member_bytes(cfg, (1, 16, 16), 10)
+    cfg.batch_size = 256
+    assert estimate_member_bytes(cfg, (1, 16, 16), 10) > small > 4 * 5000
