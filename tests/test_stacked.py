@@ -7,58 +7,25 @@ model built as experiment.prepare builds it. Float32 on the CPU, one thread.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _use_this_checkout_configs() -> None:
-    """Compose this checkout's configs/, not those of whichever checkout is installed.
-
-    ``normbench.configs`` maps to the installed checkout's configs/ (an editable install of
-    another worktree, say), which need not match this checkout's schema.
-    """
-    try:
-        import normbench.configs as installed
-    except ImportError:
-        installed = None
-    if installed is not None and Path(installed.__file__).resolve().parent == ROOT / "configs":
-        return
-    spec = importlib.util.spec_from_file_location(
-        "normbench.configs",
-        ROOT / "configs" / "__init__.py",
-        submodule_search_locations=[str(ROOT / "configs")],
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["normbench.configs"] = module
-    spec.loader.exec_module(module)
-    import normbench
-
-    normbench.configs = module
-
-
-_use_this_checkout_configs()
-
-from normbench import norms  # noqa: E402
-from normbench.app import compose_config  # noqa: E402
-from normbench.datasets import DataSplits, load_dataset  # noqa: E402
-from normbench.models import build_model, init_paired, mlp  # noqa: E402
-from normbench.stacked import (  # noqa: E402
+from normbench import norms
+from normbench.app import compose_config
+from normbench.datasets import DataSplits, load_dataset
+from normbench.models import build_model, init_paired, mlp
+from normbench.stacked import (
     StackedTrainer,
     chunk_members,
     estimate_member_bytes,
     stack_key,
     stack_unsupported,
 )
-from normbench.stacked_layers import unsupported_module  # noqa: E402
-from normbench.train import evaluate, make_optimizer, make_scheduler, train_one_epoch  # noqa: E402
+from normbench.stacked_layers import unsupported_module
+from normbench.train import evaluate, make_optimizer, make_scheduler, train_one_epoch
 
 SMALL = [
     "epochs=1",
