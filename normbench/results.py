@@ -3,12 +3,16 @@
 Layout, one folder per run under ``results_dir``::
 
     <run_id>/config.yaml       the resolved config
-    <run_id>/metrics.csv       one row per epoch (written last: its presence marks the run done)
+    <run_id>/metrics.csv       one row per epoch; status ``running`` while the run trains
+    <run_id>/model.pt          the final model's weights
     <run_id>/diagnostics.csv   per-layer diagnostics, when ``diagnostics=true``
     <run_id>/error.txt         the traceback of a failed run
+    <run_id>/checkpoint.pt     the state to resume an interrupted run from
+    <run_id>/claim.json        which process is running it (normbench.claims)
 
-Every file is written to a temporary name and renamed into place, so a crash or an
-interrupt never leaves a half-written file that looks complete.
+Every file is written to a temporary name, fsynced and renamed into place, so a crash or an
+interrupt never leaves a half-written file. metrics.csv is the commit point of an attempt
+(:func:`write_run`): a complete result stays until a new complete one replaces it.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import csv
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Iterable, Mapping
+import uuid
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,6 +35,11 @@ METRICS_FILE = "metrics.csv"
 CONFIG_FILE = "config.yaml"
 DIAGNOSTICS_FILE = "diagnostics.csv"
 ERROR_FILE = "error.txt"
+MODEL_FILE = "model.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+CLAIM_FILE = "claim.json"
+# Files of one attempt besides metrics.csv and config.yaml; stale ones go once a new one is in.
+_ATTEMPT_FILES = (MODEL_FILE, DIAGNOSTICS_FILE, ERROR_FILE, CHECKPOINT_FILE)
 
 # The first columns of metrics.csv; the flattened config (``model.hidden``, ``norm.eps``, ...)
 # follows them so that any hyperparameter can be filtered or grouped on.
@@ -62,7 +72,12 @@ METRIC_COLUMNS = [
 DIAGNOSTIC_COLUMNS = ["run_id", "epoch", "step", "layer", "quantity", "value"]
 # The recorded percentiles of the last hidden layer's pre-activation (Ioffe & Szegedy Fig. 1).
 PERCENTILES = {"preact_p15": 0.15, "preact_p50": 0.50, "preact_p85": 0.85}
+# A run's status, in the ``status`` column of metrics.csv (shared contract): ``running`` while it
+# trains (rewritten after every epoch), then one of the final ones; the first three are complete.
 DONE_STATUSES = ("ok", "diverged", "stalled")
+FINAL_STATUSES = (*DONE_STATUSES, "failed")
+STATUSES = (*FINAL_STATUSES, "running")
+
 
 def normalize_value(value: Any) -> Any:
     """Round floats to 12 significant digits: ``range(0.1, 1, 0.1)`` gives 0.30000000000000004."""
@@ -109,17 +124,37 @@ def run_id(cfg: DictConfig, choices: Mapping[str, str]) -> str:
     )
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
+@contextmanager
+def atomic_writer(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on success fsync it and rename it onto ``path``.
+
+    The file gets mode 0666 minus the umask, as ``open`` would give it. On any exception the
+    temporary file is removed and ``path`` is left as it was.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
+        with open(fd, mode, newline=None if "b" in mode else "") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_writer`)."""
+    with atomic_writer(path) as handle:
+        handle.write(text)
 
 
 def atomic_write_csv(path: Path, rows: Iterable[Mapping[str, Any]], columns: list[str]) -> None:
@@ -132,10 +167,65 @@ def atomic_write_csv(path: Path, rows: Iterable[Mapping[str, Any]], columns: lis
     atomic_write_text(path, frame.to_csv(index=False))
 
 
+def write_progress(run_path: Path, rows: Iterable[Mapping[str, Any]], columns: list[str]) -> bool:
+    """Rewrite metrics.csv with status ``running`` after an epoch of a run still training.
+
+    A complete result already there (a forced rerun) is kept instead: it is replaced only by
+    :func:`write_run` with the new complete one. Returns whether metrics.csv was written.
+    """
+    if is_complete(run_path):
+        return False
+    atomic_write_csv(run_path / METRICS_FILE, _stamped(rows, "running", ""), columns)
+    return True
+
+
+def write_run(
+    run_path: Path,
+    config_yaml: str,
+    rows: Iterable[Mapping[str, Any]],
+    columns: list[str],
+    status: str,
+    error: str = "",
+    error_trace: str | None = None,
+    diagnostics_writer: Callable[[Path], None] | None = None,
+    weights_writer: Callable[[Path], None] | None = None,
+) -> bool:
+    """Write a finished attempt so that a reader always sees an old or a new whole result.
+
+    ``status`` (ok, diverged, stalled or failed) and the first line of ``error`` are stamped
+    on every row. The order: config.yaml, model.pt (``weights_writer(path)``),
+    diagnostics.csv (``diagnostics_writer(path)``), error.txt (``error_trace``), each replaced
+    atomically; then metrics.csv, the commit point; then the earlier attempt's leftovers this
+    one did not replace, and the checkpoint, are removed. A failed attempt never replaces a
+    complete result: then nothing is written and the return value is False.
+    """
+    if status not in FINAL_STATUSES:
+        raise ValueError(f"status {status!r} is not final; choose from {FINAL_STATUSES}")
+    if status not in DONE_STATUSES and is_complete(run_path):
+        return False
+    written = {CONFIG_FILE, METRICS_FILE}
+    atomic_write_text(run_path / CONFIG_FILE, config_yaml)
+    for name, writer in ((MODEL_FILE, weights_writer), (DIAGNOSTICS_FILE, diagnostics_writer)):
+        if writer is not None:
+            writer(run_path / name)
+            written.add(name)
+    if error_trace is not None:
+        atomic_write_text(run_path / ERROR_FILE, error_trace)
+        written.add(ERROR_FILE)
+    atomic_write_csv(run_path / METRICS_FILE, _stamped(rows, status, error), columns)
+    clear_run(run_path, keep=written)
+    return True
+
+
+def _stamped(rows: Iterable[Mapping[str, Any]], status: str, error: str) -> list[dict[str, Any]]:
+    line = error.splitlines()[0] if error else ""
+    return [{**row, "status": status, "error": line} for row in rows]
+
+
 def is_complete(run_path: Path, diagnostics: bool = False) -> bool:
     """True when the run finished (ok, diverged, stalled) with every output asked for.
 
-    Failed or interrupted runs are not; nor is a finished run without the diagnostics.csv
+    Failed, running or interrupted runs are not; nor is a finished run without the diagnostics.csv
     that ``diagnostics`` asks for (rerunning it completes it).
     """
     metrics = run_path / METRICS_FILE
@@ -158,7 +248,14 @@ def read_error(run_path: Path) -> str:
     return rows[-1].get("error", "") if rows else ""
 
 
-def clear_run(run_path: Path) -> None:
-    """Remove the marker and leftovers of an earlier attempt before a rerun writes new ones."""
-    for name in (METRICS_FILE, DIAGNOSTICS_FILE, ERROR_FILE):
-        (run_path / name).unlink(missing_ok=True)
+def clear_run(run_path: Path, keep: Collection[str] = ()) -> None:
+    """Remove an earlier attempt's side files not in ``keep``, and temporary files a kill left.
+
+    Never metrics.csv or config.yaml. :func:`write_run` calls it once the new metrics.csv is
+    in place, so a complete result is never left without its files, nor with another's.
+    """
+    for name in _ATTEMPT_FILES:
+        if name not in keep:
+            (run_path / name).unlink(missing_ok=True)
+    for leftover in run_path.glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
