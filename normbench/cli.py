@@ -143,6 +143,33 @@ def report(
         raise typer.Exit(1) from None
 
 
+@app.command()
+def show(
+    run_id: Annotated[str, typer.Argument(help="The run: its folder name under --results.")],
+    results: Annotated[
+        Path, typer.Option("--results", "-r", help="Results folder to read.")
+    ] = Path("results"),
+    output: Annotated[
+        Path | None,
+        typer.Option(help="PNG to write (default: RUN_ID-activations-EXAMPLE.png here)."),
+    ] = None,
+    example: Annotated[int, typer.Option(help="Which validation example to show.")] = 0,
+) -> None:
+    """Draw a finished run's activations before and after each norm for one example.
+
+    Example: normbench show mlp-batch-toy-lr0.1-bs32-s0-1a2b3c4d5e --example 3
+    """
+    from normbench.preflight import OutputError
+    from normbench.show import show as draw_run
+
+    try:
+        path = _guard(lambda: draw_run(run_id, results, output, example))
+    except OutputError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {path}")
+
+
 @app.command("list")
 def list_choices() -> None:
     """List the models, norms, datasets, optimizers and named experiments."""

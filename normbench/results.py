@@ -131,7 +131,8 @@ def atomic_writer(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
     The file gets mode 0666 minus the umask, as ``open`` would give it. On any exception the
     temporary file is removed and ``path`` is left as it was.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.exists():  # a file there: the open below says "Not a directory"
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
