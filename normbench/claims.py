@@ -23,8 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from normbench.results import CLAIM_FILE
-
+CLAIM_FILE = "claim.json"
 STALE_SECONDS = 300.0  # a heartbeat older than this means the holder is gone or stuck
 _ATTEMPTS = (
     3  # link, take over a stale claim, link again; the third is for a claim released meanwhile

@@ -37,7 +37,6 @@ DIAGNOSTICS_FILE = "diagnostics.csv"
 ERROR_FILE = "error.txt"
 MODEL_FILE = "model.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
-CLAIM_FILE = "claim.json"
 # Files of one attempt besides metrics.csv and config.yaml; stale ones go once a new one is in.
 _ATTEMPT_FILES = (MODEL_FILE, DIAGNOSTICS_FILE, ERROR_FILE, CHECKPOINT_FILE)
 

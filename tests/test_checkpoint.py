@@ -19,6 +19,7 @@ Y = (X[:, 0] > 0).long()
 
 def _build(seed: int):
     """Fresh objects; the seed differs between builds so only a restore can make them agree."""
+    torch.set_num_threads(1)  # as runs do (threads=1); the tiny ops gain nothing from more
     torch.manual_seed(seed)
     random.seed(seed)
     model = nn.Sequential(

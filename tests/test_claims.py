@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from normbench import claims
-from normbench.results import CLAIM_FILE
+from normbench.claims import CLAIM_FILE
 
 RUNS = 50  # enough that the two racers overlap in time
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +20,7 @@ RACER = """
 import json, pathlib, sys, time
 from normbench.claims import claim
 root = pathlib.Path(sys.argv[1])
+(root / f"ready{sys.argv[2]}").touch()
 while not (root / "go").exists():
     time.sleep(0.001)
 print(json.dumps([p.name for p in sorted(root.glob("run*")) if claim(p) is not None]))
@@ -41,8 +42,9 @@ def _python(code: str, *args: str, **kwargs) -> subprocess.Popen:
 
 
 def _race(root: Path) -> list[set[str]]:
-    racers = [_python(RACER, str(root)) for _ in range(2)]
-    time.sleep(0.5)  # both imported and waiting
+    racers = [_python(RACER, str(root), str(i)) for i in range(2)]
+    while len(list(root.glob("ready*"))) < 2:  # both imported and waiting
+        time.sleep(0.01)
     (root / "go").touch()
     return [set(json.loads(racer.communicate(timeout=60)[0])) for racer in racers]
 
