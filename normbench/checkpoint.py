@@ -9,6 +9,7 @@ atomically and hold only tensors and plain Python values, so they load with
 
 from __future__ import annotations
 
+import io
 import pickle
 import random
 from collections import OrderedDict
@@ -117,8 +118,12 @@ def load_weights(path: Path, model: nn.Module) -> None:
 
 
 def _save(path: Path, state: Any) -> None:
+    # Serialized in memory first: torch's zip writer reports a failed write (a full disk, a
+    # file-size limit) as a RuntimeError, the plain file write as the OSError it is.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with atomic_writer(path, "wb") as handle:
-        torch.save(state, handle)
+        handle.write(buffer.getbuffer())
 
 
 def _load(path: Path) -> Any:

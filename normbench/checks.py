@@ -8,6 +8,8 @@ with no real weights. Bad input raises ConfigError.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from omegaconf import DictConfig
 
@@ -18,16 +20,21 @@ from normbench.models import build_model
 from normbench.norms import get_norm_spec, is_frozen
 
 
-def check_run(cfg: DictConfig) -> DataInfo:
-    """Raise ConfigError for anything that would make this run fail as bad input.
+@dataclass(frozen=True)
+class RunShape:
+    """What checking a run found out: its data's shapes and its model's size."""
 
-    Returns what the data will look like, so callers need not describe it again.
-    """
+    data: DataInfo
+    num_params: int
+
+
+def check_run(cfg: DictConfig) -> RunShape:
+    """Raise ConfigError for anything that would make this run fail as bad input."""
     validate(cfg)
     return check_setup(cfg)
 
 
-def check_setup(cfg: DictConfig) -> DataInfo:
+def check_setup(cfg: DictConfig) -> RunShape:
     """The checks beyond the schema (on a validated config): data settings and files, the
     batch size against the data and the norm, the model's shapes on the meta device."""
     data = describe_dataset(cfg.dataset)
@@ -47,4 +54,4 @@ def check_setup(cfg: DictConfig) -> DataInfo:
             message = " ".join(str(error).split())
             name = cfg.model.name
             raise ConfigError(f"model {name!r} cannot run on this data: {message}") from None
-    return data
+    return RunShape(data, sum(p.numel() for p in model.parameters()))

@@ -78,6 +78,14 @@ def sweep(
     force: Annotated[
         bool, typer.Option("--force", help="Rerun jobs that already have complete results.")
     ] = False,
+    stack: Annotated[
+        bool,
+        typer.Option(
+            "--stack",
+            help="Train each setup's learning rates and seeds together as one stacked model "
+            "(one job per group; also stack=true).",
+        ),
+    ] = False,
 ) -> None:
     """Run a grid of experiments: comma lists, range(), choice(), glob() over any key.
 
@@ -86,7 +94,9 @@ def sweep(
     """
     from normbench.sweep import run_sweep
 
-    failed = _guard(lambda: run_sweep(overrides or [], jobs=jobs, dry_run=dry_run, force=force))
+    failed = _guard(
+        lambda: run_sweep(overrides or [], jobs=jobs, dry_run=dry_run, force=force, stack=stack)
+    )
     raise typer.Exit(1 if failed else 0)
 
 

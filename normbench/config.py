@@ -15,7 +15,6 @@ of the run's identity (see results.run_id).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -27,9 +26,11 @@ from normbench.datasets import dataset_schemas
 from normbench.errors import ConfigError, choices_error
 from normbench.models import model_schemas
 from normbench.norms import check_norm, get_norm_spec, norm_names
+from normbench.preflight import check_threads
 from normbench.train import check_optimizer, optimizer_schemas
 
 _RUNTIME = {"identity": False}
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 @dataclass
@@ -52,6 +53,12 @@ class Config:
     diagnostics: bool = field(default=MISSING, metadata=_RUNTIME)
     diagnostics_every: int = field(default=MISSING, metadata=_RUNTIME)
     skip_done: bool = field(default=MISSING, metadata=_RUNTIME)  # sweeps set it
+    keep_checkpoints: bool = field(default=MISSING, metadata=_RUNTIME)  # keep checkpoint.pt
+    # Stacked sweeps: the runs of one setup that differ in lr and seed train as one model.
+    stack: bool = field(default=MISSING, metadata=_RUNTIME)
+    stack_max_members: int = field(default=MISSING, metadata=_RUNTIME)  # larger groups split
+    stack_lr: list[float] = field(default=MISSING, metadata=_RUNTIME)  # a group job's members
+    stack_seed: list[int] = field(default=MISSING, metadata=_RUNTIME)
 
 
 def group_schemas() -> dict[str, dict[str, type]]:
@@ -97,30 +104,18 @@ def validate(cfg: DictConfig) -> None:
             f"diagnostics_every must be >= 1; got {cfg.diagnostics_every}",
         ),
         (cfg.divergence_factor > 1, "divergence_factor must be > 1"),
+        (cfg.stack_max_members >= 1, "stack_max_members must be >= 1"),
+        (all(lr > 0 for lr in cfg.stack_lr), "every stack_lr must be > 0"),
         (0 <= cfg.stall_margin < 1, f"stall_margin must be in [0, 1); got {cfg.stall_margin}"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if cfg.device not in DEVICES:
+        raise choices_error("device", cfg.device, DEVICES)
     check_threads(cfg.threads)
     check_norm(cfg.norm)
     check_optimizer(cfg.optimizer)
-
-
-def check_threads(threads: int) -> None:
-    """Torch threads per run: at least 1, at most the cores this process may use."""
-    cores = usable_cores()
-    if not 1 <= threads <= cores:
-        raise ConfigError(
-            f"threads must be between 1 and the {cores} usable CPU cores; got {threads}"
-        )
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity), not the machine's."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def unknown_key_message(key: str, schema: type | None = None) -> str:

@@ -72,6 +72,16 @@ class Recorder:
             self.rows.append(self._row("model", "eval_gap", gap))
         self.epoch += 1
 
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps, so a resumed run records as if never interrupted."""
+        return {"rows": self.rows, "step": self.step, "epoch": self.epoch}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.rows, self.step, self.epoch = state["rows"], state["step"], state["epoch"]
+        self._disarm()
+        if self.step % self.every == 0:
+            self._arm()
+
     def close(self) -> None:
         """Remove any hooks still registered."""
         self._disarm()

@@ -1,64 +1,85 @@
 """One sweep job, in whichever process the launcher chose, and the record it leaves.
 
-Hydra drops a job's return value (except for sweepers that optimize it) and skips its
-end-of-sweep callback when a job fails, so each job writes ``job.json`` into its own Hydra
-output folder: what it ran and how it ended. The sweep's summary is read from those records,
-which works the same under every sweeper and launcher.
+A job is one run, or with stacking a group of runs that differ only in lr and seed. Hydra
+drops a job's return value (except for sweepers that optimize it) and skips its end-of-sweep
+callback when a job fails, so each job writes ``job.json`` into its own Hydra output folder:
+what it ran and how each run ended. The sweep's summary is read from those records, which
+works the same under every sweeper and launcher.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import traceback
+import os
+import signal
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from normbench import results
-from normbench.errors import ConfigError
 
 JOB_RECORD = "job.json"
+# Set by a sweep on this machine: its workers stop when it is gone (see watch_parent).
+PARENT_PID_ENV = "NORMBENCH_SWEEP_PID"
 
 
 def run_job(
     cfg: DictConfig, choices: Mapping[str, str], overrides: list[str], output_dir: Path
 ) -> float:
-    """Run (or skip, when complete) one job; never raises. Returns the objective for
-    optimizing sweepers: the final validation accuracy, or minus the validation loss for
-    regression (nan when the run failed or diverged).
-
-    A failure is recorded as status ``failed`` with its traceback, so the other jobs go on.
+    """Run (or skip) the job's runs; never raises. Returns the objective for optimizing
+    sweepers: the final validation accuracy, or minus the validation loss for regression
+    (nan when the run failed or diverged; the best member's for a stacked group).
     """
-    from normbench.experiment import record_failure, run_experiment
+    from normbench.group import run_group
 
-    record = {"overrides": overrides, "run_id": results.run_id(cfg, choices), "error": ""}
-    objective = math.nan
-    try:
-        result = run_experiment(cfg, choices)
-        record["status"] = result.status
-        objective = _objective(result.rows[-1] if result.rows else {})
-    except ConfigError as error:  # raised before run_experiment wrote anything
-        record_failure(cfg, choices, error, traceback.format_exc())
-        record.update(status="failed", error=str(error))
-    except Exception as error:  # run_experiment recorded it, with the epochs it finished
-        record.update(status="failed", error=f"{type(error).__name__}: {error}".splitlines()[0])
-    results.atomic_write_text(output_dir / JOB_RECORD, json.dumps(record))
-    return objective
+    watch_parent()
+    records = run_group(cfg, choices)
+    for record in records:
+        record["overrides"] = _member_overrides(overrides, record)
+    results.atomic_write_text(output_dir / JOB_RECORD, json.dumps({"runs": records}))
+    objectives = [r["objective"] for r in records if math.isfinite(r["objective"])]
+    return max(objectives, default=math.nan)
 
 
-def _objective(row: Mapping[str, float]) -> float:
-    acc = row.get("val_acc", math.nan)
-    return acc if isinstance(acc, float) and math.isfinite(acc) else -row.get("val_loss", math.nan)
+def _member_overrides(overrides: list[str], record: Mapping[str, object]) -> list[str]:
+    """The job's overrides, with a stacked member's own lr and seed in place of the group's."""
+    kept = [o for o in overrides if o.split("=", 1)[0] not in ("lr", "seed", "stack_lr",
+                                                                 "stack_seed")]  # fmt: skip
+    return [*kept, f"lr={record['lr']}", f"seed={record['seed']}"]
 
 
 def read_job_records(sweep_dir: Path) -> list[dict]:
-    """Every job record under a sweep's Hydra folder (jobs that never ended left none)."""
-    records = []
+    """Every run record under a sweep's Hydra folder (jobs that never ended left none)."""
+    runs = []
     for path in sorted(sweep_dir.glob(f"*/{JOB_RECORD}")):
         try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
+            runs += json.loads(path.read_text())["runs"]
+        except (OSError, ValueError, KeyError):
             continue  # a record being written right now: counted on the next read
-    return records
+    return runs
+
+
+def watch_parent(every: float = 1.0) -> None:
+    """In a worker of a local sweep, stop (SIGTERM to itself) once the sweep process is gone.
+
+    joblib's workers would otherwise finish their queue after the sweep was killed; the
+    run's checkpoint lets the next sweep resume it.
+    """
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or int(parent) == os.getpid() or getattr(watch_parent, "started", False):
+        return
+    watch_parent.started = True
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(int(parent), 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            threading.Event().wait(every)
+
+    threading.Thread(target=watch, daemon=True).start()

@@ -21,6 +21,8 @@ def print_run(result: RunResult, console: Console | None = None) -> None:
             parts.append(f"{key} {value:.4f}")
     if last:
         parts.append(f"epochs {last['epoch']}")
+    if result.resumed_from:
+        parts.append(f"(resumed after epoch {result.resumed_from})")
     parts.append(f"-> {result.path / METRICS_FILE}")
     console.print("  ".join(parts), highlight=False, soft_wrap=True)
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import os
 import signal
 import threading
 from collections import Counter
@@ -41,13 +43,15 @@ from rich.table import Table
 from normbench import results
 from normbench.app import GROUPS, HydraArgs, compose_job, hydra_context, launch, parse_args
 from normbench.checks import check_run, check_setup
-from normbench.config import check_threads, usable_cores, validate
+from normbench.config import validate
 from normbench.errors import ConfigError
-from normbench.jobs import read_job_records
+from normbench.jobs import PARENT_PID_ENV, read_job_records
+from normbench.preflight import check_results_dir, check_threads, estimate_run_bytes
 
 # Launchers that run jobs on this machine: the cores checked are this machine's.
 _LOCAL_LAUNCHERS = ("basic", "joblib", "submitit_local")
-STATUSES = ("ok", "diverged", "stalled", "failed", "skipped", "missing")
+# elsewhere: another sweep on the same results folder was training the run (see claims)
+STATUSES = ("ok", "diverged", "stalled", "failed", "skipped", "elsewhere", "missing")
 
 
 @dataclass
@@ -67,7 +71,10 @@ class Plan:
     launcher: str
     results_dir: Path
     threads: int
-    cells: int = 0  # grid cells Hydra will launch (repeats of one run included)
+    stack: bool  # the config asks for stacked groups (stack=true)
+    cells: int = 0  # grid cells Hydra would launch per run (repeats of one run included)
+    needed_bytes: int = 0  # disk the planned runs need at most
+    values: dict[str, list[str]] | None = None  # the grid: key -> its "key=value" overrides
 
 
 def plan_sweep(args: Sequence[str] | HydraArgs) -> Plan:
@@ -88,22 +95,25 @@ def plan_sweep(args: Sequence[str] | HydraArgs) -> Plan:
             str(runtime["hydra/launcher"]),
             Path(base.results_dir),
             base.threads,
+            base.stack,
         )
         params = [f"{k}={v}" for k, v in (base.hydra.sweeper.get("params") or {}).items()]
         if plan.sweeper != "basic":
             with open_dict(base):
                 del base["hydra"]
-            check_run(base)
+            shape = check_run(base)
+            plan.needed_bytes = estimate_run_bytes(shape.num_params, base.epochs)
             return plan
-        cells = _grid(parser.parse_overrides([*params, *hydra_args.overrides]))
-        plan.jobs = _check_cells(parser, cells, hydra_args)
+        plan.values = _grid(parser.parse_overrides([*params, *hydra_args.overrides]))
+        cells = [list(cell) for cell in itertools.product(*plan.values.values())]
+        plan.jobs, plan.needed_bytes = _check_cells(parser, cells, hydra_args)
         plan.cells = len(cells)
     return plan
 
 
-def _grid(parsed: list) -> list[list[str]]:
-    """The cartesian product of the overrides' values, a later key replacing an earlier one
-    (as Hydra's basic sweeper does with experiment params and the command line)."""
+def _grid(parsed: list) -> dict[str, list[str]]:
+    """Each key's ``key=value`` overrides, a later key replacing an earlier one (as Hydra's
+    basic sweeper does with experiment params and the command line)."""
     values: dict[str, list[str]] = {}
     for override in parsed:
         key = override.get_key_element()
@@ -116,16 +126,18 @@ def _grid(parsed: list) -> list[list[str]]:
             values[key] = [f"{key}={v}" for v in override.sweep_string_iterator()]
         else:
             values[key] = [f"{key}={override.get_value_element_as_str()}"]
-    return [list(cell) for cell in itertools.product(*values.values())]
+    return values
 
 
-def _check_cells(parser, cells: list[list[str]], hydra_args: HydraArgs) -> list[Job]:
+def _check_cells(
+    parser, cells: list[list[str]], hydra_args: HydraArgs
+) -> tuple[list[Job], int]:
     """Compose every cell and check it: Hydra composes once per choice of config groups and
     plain ``key=value`` overrides are applied to a copy (composing each cell would take
     ~0.1 s); the data and model checks run once per distinct setup."""
     composed: dict[tuple[str, ...], tuple[DictConfig, dict[str, str]]] = {}
-    checked: set[str] = set()
-    jobs = []
+    checked: dict[str, int] = {}  # setup -> the disk one of its runs needs
+    jobs, needed = [], 0
     for cell in cells:
         structural, scalars = [], []
         for override in parser.parse_overrides(cell):
@@ -142,12 +154,13 @@ def _check_cells(parser, cells: list[list[str]], hydra_args: HydraArgs) -> list[
         validate(cfg)
         setup = _setup_key(cfg)
         if setup not in checked:
-            check_setup(cfg)
-            checked.add(setup)
+            checked[setup] = estimate_run_bytes(check_setup(cfg).num_params, cfg.epochs)
         run_id = results.run_id(cfg, choices)
         path = Path(cfg.results_dir) / run_id
-        jobs.append(Job(cell, run_id, path, results.is_complete(path, cfg.diagnostics)))
-    return jobs
+        done = results.is_complete(path, cfg.diagnostics)
+        jobs.append(Job(cell, run_id, path, done))
+        needed += 0 if done else checked[setup]
+    return jobs, needed
 
 
 def _update(cfg: DictConfig, override) -> None:
@@ -186,9 +199,14 @@ def run_sweep(
     jobs: int = 1,
     dry_run: bool = False,
     force: bool = False,
+    stack: bool = False,
     console: Console | None = None,
 ) -> int:
-    """Plan, launch and summarize a sweep. Returns the number of failed or missing jobs."""
+    """Plan, launch and summarize a sweep. Returns the number of failed or missing runs.
+
+    ``stack`` (or ``stack=true`` in the config) trains each setup's lr x seed runs as one
+    stacked model: one Hydra job per group.
+    """
     console = console or Console()
     hydra_args = parse_args(args)
     if "--run" in hydra_args.options:
@@ -204,22 +222,25 @@ def run_sweep(
         )
     plan = plan_sweep(hydra_args)
     if plan.launcher in _LOCAL_LAUNCHERS:
-        check_cores(plan.threads, jobs)
+        check_threads(plan.threads, jobs)
     if plan.jobs is not None and len(distinct := distinct_runs(plan.jobs)) < len(plan.jobs):
         console.print(
             f"{len(plan.jobs)} grid cells name {len(distinct)} distinct runs; each runs once."
         )
         plan.jobs = distinct  # the repeats skip themselves: the first one ran them
+    overrides, total = hydra_args.overrides, plan.cells
+    if stack or plan.stack:
+        overrides, total = _stacked(plan, overrides)
     if dry_run:
-        print_plan(plan, console)
+        print_plan(plan, console, total)
         return 0
+    check_results_dir(plan.results_dir, plan.needed_bytes)
     sweep_dir = plan.results_dir / ".sweeps" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
     # Hydra runs the whole grid; a complete job skips itself. Launch nothing when all are.
     if force or plan.jobs is None or not all(job.done_before for job in plan.jobs):
         settings = _job_settings(keys, jobs, force, sweep_dir)
-        total = None if plan.jobs is None else plan.cells
-        with _terminate_as_interrupt(), _watch(sweep_dir, total, console):
-            launch([*hydra_args.flags, *hydra_args.overrides, *settings], multirun=True)
+        with _terminate_as_interrupt(), _watch(sweep_dir, total or None, console), _parent():
+            launch([*hydra_args.flags, *overrides, *settings], multirun=True)
     failed = print_summary(plan, read_job_records(sweep_dir), console)
     optimized = sweep_dir / "optimization_results.yaml"  # written by optimizing sweepers
     if optimized.is_file():
@@ -227,6 +248,40 @@ def run_sweep(
         params = " ".join(f"{k}={v}" for k, v in best.get("best_params", {}).items())
         console.print(f"best: {params} (objective {best.get('best_value')})", highlight=False)
     return failed
+
+
+def _stacked(plan: Plan, overrides: list[str]) -> tuple[list[str], int]:
+    """The overrides that make each Hydra job one group: the grid's learning rates and seeds
+    go to ``stack_lr``/``stack_seed`` (a fixed ``lr``/``seed`` replaces any sweep of them, an
+    experiment's params included). Returns them and the number of group jobs."""
+    if plan.values is None:
+        raise ConfigError(
+            f"--stack groups the basic sweeper's grid; the {plan.sweeper} sweeper chooses its "
+            "runs one at a time"
+        )
+    members = {k: [v.split("=", 1)[1] for v in plan.values.get(k, [])] for k in ("lr", "seed")}
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("lr", "seed")]
+    grouped = [
+        *kept,
+        *(f"{key}={values[0]}" for key, values in members.items() if values),
+        *(f"stack_{key}=[{','.join(values)}]" for key, values in members.items() if values),
+    ]
+    size = math.prod(len(values) or 1 for values in members.values())
+    return grouped, plan.cells // size
+
+
+@contextmanager
+def _parent() -> Iterator[None]:
+    """Tell local workers which process is the sweep, so they stop when it is killed."""
+    previous = os.environ.get(PARENT_PID_ENV)
+    os.environ[PARENT_PID_ENV] = str(os.getpid())
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(PARENT_PID_ENV, None)
+        else:
+            os.environ[PARENT_PID_ENV] = previous
 
 
 def _job_settings(keys: set[str], jobs: int, force: bool, sweep_dir: Path) -> list[str]:
@@ -244,22 +299,11 @@ def _job_settings(keys: set[str], jobs: int, force: bool, sweep_dir: Path) -> li
 def _is_setting(override: str) -> bool:
     """Whether an override is one the sweep adds to every job (not the user's)."""
     key = override.split("=", 1)[0]
-    return key in ("quiet", "skip_done") or key.startswith(("hydra.", "hydra/"))
+    return key in ("quiet", "skip_done") or key.startswith(("hydra.", "hydra/", "stack_"))
 
 
-def check_cores(threads: int, jobs: int) -> None:
-    """Parallel jobs times torch threads per job must not exceed this machine's cores."""
-    check_threads(threads)
-    cores = usable_cores()
-    if jobs * threads > cores:
-        raise ConfigError(
-            f"--jobs {jobs} x threads={threads} exceeds the {cores} CPU cores; "
-            f"use --jobs {max(1, cores // threads)} or fewer"
-        )
-
-
-def print_plan(plan: Plan, console: Console) -> None:
-    """``--dry-run``: the number of jobs and each job's overrides."""
+def print_plan(plan: Plan, console: Console, launched: int) -> None:
+    """``--dry-run``: the number of runs, each run's overrides, and the jobs to launch."""
     if plan.jobs is None:
         console.print(
             f"The {plan.sweeper} sweeper chooses its jobs as it runs; the fixed part of the "
@@ -275,8 +319,10 @@ def print_plan(plan: Plan, console: Console) -> None:
         done = "yes" if job.done_before else ""
         table.add_row(str(index), " ".join(job.overrides), job.run_id, done)
     console.print(table)
+    grouped = f" in {launched} stacked group jobs" if launched < len(plan.jobs) else ""
     console.print(
-        f"{len(plan.jobs)} jobs on the {plan.launcher} launcher; dry run: nothing was run."
+        f"{len(plan.jobs)} jobs{grouped} on the {plan.launcher} launcher; "
+        "dry run: nothing was run."
     )
 
 
@@ -304,9 +350,19 @@ def print_summary(plan: Plan, records: list[dict], console: Console) -> int:
             error = row.get("error") or "did not finish"
             overrides = " ".join(o for o in row["overrides"] if not _is_setting(o))
             console.print(f"[red]{row['status']}[/] {overrides}: {error}", highlight=False)
+    if counts["elsewhere"]:
+        console.print(f"{counts['elsewhere']} runs were being trained by another sweep.")
     if counts["missing"]:
         console.print("Rerun the same command to finish the missing jobs.")
+    folders = {row["run_id"] for row in rows}
+    size = sum(disk_use(plan.results_dir / run_id) for run_id in folders)
+    console.print(f"disk: {size / 2**20:.1f} MiB in {len(folders)} run folders")
     return counts["failed"] + counts["missing"]
+
+
+def disk_use(path: Path) -> int:
+    """Bytes of the files under ``path`` (0 when it does not exist)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 @contextmanager

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -178,45 +176,3 @@ def test_submitit_local_launcher(tiny: list[str], tmp_path: Path) -> None:
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
     assert len(complete_runs(tmp_path / "r")) == 2
-
-
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
-def test_killed_sweep_resumes_to_exactly_the_grid(
-    signum: int, tiny: list[str], tmp_path: Path
-) -> None:
-    grid = [
-        "norm=batch,none,layer",
-        "lr=0.01,0.1",
-        *tiny,
-        "epochs=2",
-        f"results_dir={tmp_path / 'r'}",
-    ]
-    process = _cli("sweep", *grid, cwd=tmp_path, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list((tmp_path / "r").glob("*/metrics.csv"))) < 2:
-        time.sleep(0.05)
-    os.killpg(process.pid, signum)
-    process.communicate(timeout=60)
-    done_before = len(complete_runs(tmp_path / "r"))
-    assert 2 <= done_before < 6
-    resumed = _cli("sweep", *grid, cwd=tmp_path)
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    runs = complete_runs(tmp_path / "r")
-    assert len(runs) == 6
-    assert all(frame["status"].eq("ok").all() for frame in runs.values())
-    assert len(list((tmp_path / "r").glob("[!.]*"))) == 6
-    if signum != signal.SIGKILL:  # only SIGKILL can leave a temporary file (never read)
-        assert not list((tmp_path / "r").rglob("*.tmp"))
-
-
-def test_two_sweeps_sharing_a_results_folder_lose_nothing(tiny: list[str], tmp_path: Path) -> None:
-    shared = f"results_dir={tmp_path / 'r'}"
-    first = _cli("sweep", "norm=batch,none", "lr=0.05,0.1", *tiny, shared, cwd=tmp_path)
-    second = _cli("sweep", "norm=none,layer", "lr=0.05,0.1", *tiny, shared, cwd=tmp_path)
-    for process in (first, second):
-        out, err = process.communicate(timeout=300)
-        assert process.returncode == 0, err
-    runs = complete_runs(tmp_path / "r")
-    assert len(runs) == 6  # batch, none, layer x 2 lrs; the none runs overlap
-    assert not list((tmp_path / "r").rglob("*.tmp"))

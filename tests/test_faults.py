@@ -1,0 +1,187 @@
+"""Faults through the real CLI in subprocesses: nothing lost, nothing done twice.
+
+One uninterrupted sweep (the module fixture ``reference``) is what every interrupted and
+resumed sweep or run must end with, column for column but timings.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from normbench import results
+from tests.conftest import TINY
+
+GRID = ["norm=batch,none", "lr=0.05,0.2", "seed=1", "epochs=3", "batch_size=8", *TINY[1:]]
+RUNS = 4
+TIMINGS = ["epoch_seconds"]
+
+
+def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "normbench", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
+    out, err = process.communicate(timeout=timeout)
+    return out, err
+
+
+def complete_runs(results_dir: Path) -> dict[str, pd.DataFrame]:
+    return {
+        path.name: pd.read_csv(path / results.METRICS_FILE).drop(columns=TIMINGS)
+        for path in sorted(results_dir.glob("[!.]*"))
+        if results.is_complete(path)
+    }
+
+
+def wait_for(predicate, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise TimeoutError("the condition never held")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pd.DataFrame]:
+    root = tmp_path_factory.mktemp("reference")
+    out, err = finish(cli("sweep", *GRID, f"results_dir={root / 'r'}", cwd=root))
+    runs = complete_runs(root / "r")
+    assert len(runs) == RUNS, err
+    return runs
+
+
+def assert_same(runs: dict[str, pd.DataFrame], reference: dict[str, pd.DataFrame]) -> None:
+    assert runs.keys() == reference.keys()
+    for run_id, frame in reference.items():
+        pd.testing.assert_frame_equal(runs[run_id], frame)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])  # SIGINT: as SIGTERM
+def test_a_killed_sweep_resumes_to_the_uninterrupted_numbers(
+    signum: int, reference: dict[str, pd.DataFrame], tmp_path: Path
+) -> None:
+    rng = random.Random(signum)
+    folder = tmp_path / "r"
+    process = cli("sweep", *GRID, f"results_dir={folder}", cwd=tmp_path, start_new_session=True)
+    # a random moment after some run has a checkpoint: often mid-epoch, mid-sweep
+    wait_for(lambda: any(folder.glob(f"*/{results.CHECKPOINT_FILE}")))
+    time.sleep(rng.uniform(0, 0.3))
+    os.killpg(process.pid, signum)
+    finish(process, 60)
+    assert len(complete_runs(folder)) < RUNS
+    out, err = finish(cli("sweep", *GRID, f"results_dir={folder}", cwd=tmp_path))
+    assert "Traceback" not in err
+    assert_same(complete_runs(folder), reference)
+    if signum != signal.SIGKILL:  # SIGKILL may leave a temporary file (never read) or the
+        # checkpoint of a run killed as it finished (ignored: the run is complete)
+        assert not list(folder.rglob("*.tmp"))
+        assert not list(folder.rglob(results.CHECKPOINT_FILE))  # removed once runs finish
+
+
+def test_a_run_killed_mid_epoch_resumes_from_its_checkpoint(
+    reference: dict[str, pd.DataFrame], tmp_path: Path
+) -> None:
+    run_id = next(r for r in reference if "-batch-" in r and "lr0.05" in r and "-s1-" in r)
+    args = ["norm=batch", "lr=0.05", "seed=1", *GRID[3:], f"results_dir={tmp_path / 'r'}"]
+    process = cli("run", *args, cwd=tmp_path)
+    checkpoint = tmp_path / "r" / run_id / results.CHECKPOINT_FILE
+    wait_for(checkpoint.exists)
+    time.sleep(0.05)
+    process.kill()
+    finish(process, 60)
+    partial = pd.read_csv(tmp_path / "r" / run_id / results.METRICS_FILE)
+    assert set(partial["status"]) == {"running"} and len(partial) < 3
+    out, err = finish(cli("run", *args, cwd=tmp_path))
+    assert "resumed after epoch" in out, out + err
+    assert_same(complete_runs(tmp_path / "r"), {run_id: reference[run_id]})
+
+
+def test_two_sweeps_at_once_run_each_job_once(tmp_path: Path) -> None:
+    shared = f"results_dir={tmp_path / 'r'}"
+    first = cli("sweep", *GRID, shared, cwd=tmp_path)
+    second = cli("sweep", *GRID, shared, cwd=tmp_path)
+    outputs = [finish(first), finish(second)]
+    assert first.returncode == 0 and second.returncode == 0, outputs
+    assert len(complete_runs(tmp_path / "r")) == RUNS
+    counts = [summary_counts(out) for out, _ in outputs]
+    trained = sum(c["ok"] + c["stalled"] + c["diverged"] for c in counts)
+    assert trained == RUNS  # each run trained by one sweep; the other skipped it or saw it busy
+    assert sum(c["skipped"] + c["elsewhere"] for c in counts) == RUNS
+
+
+def summary_counts(out: str) -> dict[str, int]:
+    """The sweep summary's counts per status, read from its table."""
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("┃") and " ok " in line)
+    names = [cell.strip() for cell in lines[header].strip("┃").split("┃")]
+    values = next(line for line in lines[header:] if line.startswith("│"))
+    return dict(zip(names, map(int, values.strip("│").split("│")), strict=True))
+
+
+def test_a_full_disk_says_what_and_where(tmp_path: Path) -> None:
+    def limit() -> None:  # a 20 KiB file-size limit: small files fit, a checkpoint does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 1024, 20 * 1024))
+
+    args = ["sweep", "norm=batch,none", *TINY[1:], "epochs=2"]
+    process = cli(*args, f"results_dir={tmp_path / 'r'}", cwd=tmp_path, preexec_fn=limit)
+    out, err = finish(process)
+    assert process.returncode == 1
+    assert "Traceback" not in out + err
+    assert out.count("File too large") == 2 and "cannot write" in out
+    assert not complete_runs(tmp_path / "r")
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_an_unusable_results_folder_is_refused_before_training(
+    command: str, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    process = cli(command, *TINY, f"results_dir={blocker / 'r'}", cwd=tmp_path)
+    out, err = finish(process)
+    assert process.returncode == 2, out + err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(blocker) in err
+
+
+def test_killing_a_parallel_sweep_stops_its_workers(tmp_path: Path) -> None:
+    args = ["sweep", "--jobs", "2", "norm=batch,none,layer,group", "lr=0.05,0.2", "epochs=30"]
+    process = cli(*args, *TINY[1:], f"results_dir={tmp_path / 'r'}", cwd=tmp_path)
+    folder = tmp_path / "r"
+    wait_for(lambda: len(list(folder.glob(f"*/{results.CHECKPOINT_FILE}"))) >= 2)
+    workers = _children(process.pid)
+    assert workers
+    process.kill()  # the main process only
+    process.wait(timeout=30)
+    wait_for(lambda: not any(_alive(pid) for pid in workers), timeout=15)
+    finish(process, 30)  # the workers held its pipes open until they stopped
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(line) for line in out.stdout.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as handle:  # a zombie is dead
+        return handle.read().split(")")[-1].split()[0] != "Z"
