@@ -322,7 +322,6 @@ _DIGITS_TRAIN = 1797 - round(_DIGITS_TEST_FRACTION * 1797)
 # What each dataset is: configs/dataset/<name>.yaml says (and `normbench list` shows).
 _DATASETS: dict[str, DatasetSpec] = {
     "toy": DatasetSpec(ToySettings, _toy_info, _load_toy),
-    "toy_sequence": DatasetSpec(ToySequenceSettings, _toy_sequence_info, _load_toy_sequence),
     "digits": DatasetSpec(
         DatasetSettings,
         lambda cfg: SourceInfo((1, 8, 8), 10, "classification", _DIGITS_TRAIN),
@@ -331,6 +330,7 @@ _DATASETS: dict[str, DatasetSpec] = {
     "mnist": _torchvision("MNIST", (1, 28, 28), 60000),
     "fashion_mnist": _torchvision("FashionMNIST", (1, 28, 28), 60000),
     "cifar10": _torchvision("CIFAR10", (3, 32, 32), 50000),
+    "toy_sequence": DatasetSpec(ToySequenceSettings, _toy_sequence_info, _load_toy_sequence),
 }
 
 
