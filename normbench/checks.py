@@ -46,6 +46,7 @@ def check_setup(cfg: DictConfig) -> RunShape:
         raise ConfigError(
             f"norm {cfg.norm.name!r} normalizes over the batch: batch_size must be at least 2"
         )
+    get_norm_spec(cfg.norm.name).check_batch(cfg.norm, cfg.batch_size)  # ghost batch: V | N
     with torch.device("meta"):
         model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs).eval()
         try:  # a forward pass on shapes only (eval mode: meta tensors have no running count)

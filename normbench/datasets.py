@@ -55,6 +55,17 @@ class ToySettings(DatasetSettings):
 
 
 @dataclass
+class ToySequenceSettings(DatasetSettings):
+    data_seed: int = MISSING  # the synthetic task (class cues and noise)
+    steps: int = MISSING  # T: sequence length
+    features: int = MISSING  # F: features per step
+    num_classes: int = MISSING
+    train_size: int = MISSING
+    test_size: int = MISSING
+    noise: float = MISSING
+
+
+@dataclass
 class TorchvisionSettings(DatasetSettings):
     root: str = field(default=MISSING, metadata={"identity": False})
     download: bool = field(default=MISSING, metadata={"identity": False})
@@ -86,7 +97,7 @@ class DataSplits:
     train: Split
     val: Split
     test: Split | None
-    input_shape: tuple[int, ...]  # (C, H, W) for images, (F,) for feature vectors
+    input_shape: tuple[int, ...]  # (C, H, W) images, (T, F) sequences, (F,) feature vectors
     num_outputs: int  # classes, or 1 for regression
     task: str  # "classification" | "regression"
 
@@ -168,6 +179,40 @@ def _random_teacher(shape: tuple[int, ...], n: int, noise: float, g: torch.Gener
     x = torch.randn(n, *shape, generator=g)
     y = torch.tanh(x.reshape(n, dim) @ w1) @ w2 + 0.1 * noise * torch.randn(n, 1, generator=g)
     return x, y
+
+
+def _toy_sequence_info(cfg: Any) -> SourceInfo:
+    if cfg.steps < 1 or cfg.features < 1:
+        raise ConfigError(
+            f"dataset.steps and dataset.features must be at least 1, got {cfg.steps} and "
+            f"{cfg.features}"
+        )
+    if cfg.num_classes < 2:
+        raise ConfigError(f"dataset.num_classes must be at least 2, got {cfg.num_classes}")
+    if cfg.train_size < 2 or cfg.test_size < 0:
+        raise ConfigError(
+            f"dataset.train_size must be at least 2 and dataset.test_size at least 0, "
+            f"got {cfg.train_size} and {cfg.test_size}"
+        )
+    if cfg.noise < 0:
+        raise ConfigError(f"dataset.noise must be at least 0, got {cfg.noise}")
+    shape = (cfg.steps, cfg.features)
+    return SourceInfo(shape, cfg.num_classes, "classification", cfg.train_size)
+
+
+def _load_toy_sequence(cfg: Any) -> _Source:
+    """Sequences (N, T, F) of Gaussian noise of std ``noise`` whose class is only visible at
+    the first step, which holds the class's fixed random cue (norm ~3, as toy's prototypes):
+    a recurrent model must carry it through the T - 1 later steps."""
+    g = torch.Generator().manual_seed(cfg.data_seed)
+    n = cfg.train_size + cfg.test_size
+    cues = torch.randn(cfg.num_classes, cfg.features, generator=g) * (3 / math.sqrt(cfg.features))
+    y = torch.randint(cfg.num_classes, (n,), generator=g)
+    x = cfg.noise * torch.randn(n, cfg.steps, cfg.features, generator=g)
+    x[:, 0] += cues[y]
+    train = (x[: cfg.train_size], y[: cfg.train_size])
+    test = (x[cfg.train_size :], y[cfg.train_size :]) if cfg.test_size else None
+    return _Source(train, test, cfg.num_classes)
 
 
 def _load_digits(cfg: Any) -> _Source:
@@ -285,6 +330,7 @@ _DATASETS: dict[str, DatasetSpec] = {
     "mnist": _torchvision("MNIST", (1, 28, 28), 60000),
     "fashion_mnist": _torchvision("FashionMNIST", (1, 28, 28), 60000),
     "cifar10": _torchvision("CIFAR10", (3, 32, 32), 50000),
+    "toy_sequence": DatasetSpec(ToySequenceSettings, _toy_sequence_info, _load_toy_sequence),
 }
 
 
@@ -304,8 +350,9 @@ def _identity_stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _stat_dims(x: Tensor) -> tuple[int, ...]:
-    """Per channel for images (N, C, H, W), per feature for vectors (N, F)."""
-    return (0, 2, 3) if x.ndim == 4 else (0,)
+    """Per channel for images (N, C, H, W), per feature for sequences (N, T, F) (over the
+    examples and the steps) and for vectors (N, F)."""
+    return {4: (0, 2, 3), 3: (0, 1)}.get(x.ndim, (0,))
 
 
 # name -> statistics (shift, scale) fitted on the training inputs: x becomes (x - shift) / scale
@@ -346,9 +393,10 @@ def describe_dataset(cfg: Any) -> DataInfo:
     shape = source.input_shape
     if cfg.image_size is not None:
         if len(shape) != 3:
+            kind = "sequences (T, F)" if len(shape) == 2 else "feature vectors"
             raise ConfigError(
-                f"dataset.image_size resizes images, but dataset {cfg.name} gives feature "
-                f"vectors of shape {shape}; set dataset.image_size=null"
+                f"dataset.image_size resizes images, but dataset {cfg.name} gives {kind} "
+                f"of shape {list(shape)}; set dataset.image_size=null"
             )
         shape = (shape[0], cfg.image_size, cfg.image_size)
     n_train, _ = _split_sizes(source.train_examples, cfg.val_fraction, cfg.limit)

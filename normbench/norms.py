@@ -2,9 +2,11 @@
 
 Each :class:`NormSpec` says how the norm is built, which settings it reads (its schema: a
 dataclass stored in Hydra's ConfigStore, with its defaults in ``configs/norm/<name>.yaml``),
-whether it normalizes with batch statistics, whether it cancels a bias just before it, and
-which layers it applies to. Every other list (run identity, the schema check, the models'
-bias rule, freezing) derives from these entries.
+whether it normalizes with batch statistics, whether it cancels a bias just before it,
+which layers it applies to, whether it includes its activation (FRN), how the layers before
+it are made (weight standardization), what it needs of the batch size (ghost batch norm) and
+whether it applies to an RNN's hidden state. Every other list (run identity, the schema
+check, the models' bias rule, freezing) derives from these entries.
 
 ``get_norm_layer(cfg, spatial)`` turns a norm config into a factory that takes the channel count
 only (timm's ``create_norm``, torchvision's ``norm_layer``), for (N, C) features
@@ -23,9 +25,25 @@ from torch import nn
 
 from normbench.batch_renorm import BatchRenorm
 from normbench.errors import ConfigError, choices_error
+from normbench.frn import FilterResponseNorm
+from normbench.ghost_batchnorm import GhostBatchNorm
 from normbench.reference_batchnorm import ReferenceBatchNorm
+from normbench.rms_norm import ChannelRMSNorm
+from normbench.weight_std import WSConv2d, WSLinear
 
 NormLayer = Callable[[int], nn.Module]
+
+
+@dataclass(frozen=True)
+class WeightLayers:
+    """The constructors a model makes the linear and conv layers with that a norm follows
+    (``nn.Linear(in, out, bias=...)``, ``nn.Conv2d(in, out, kernel, padding=..., bias=...)``)."""
+
+    linear: Callable[..., nn.Linear] = nn.Linear
+    conv: Callable[..., nn.Conv2d] = nn.Conv2d
+
+
+PLAIN_LAYERS = WeightLayers()
 
 
 # ----------------------------------------------------------------------------- settings
@@ -74,6 +92,23 @@ class BatchRenormSettings(_MovingAverageSettings):
     warmup_steps: int = MISSING
     rmax_ramp_steps: int = MISSING
     dmax_ramp_steps: int = MISSING
+
+
+@dataclass
+class GhostBatchNormSettings(BatchNormSettings):
+    virtual_batch_size: int = MISSING  # examples per virtual batch; must divide batch_size
+
+
+@dataclass
+class FRNSettings:
+    name: str = MISSING
+    eps: float = MISSING
+    learned_eps: bool = MISSING  # eps + |eps_l| with eps_l learned (the paper's fix for 1x1)
+
+
+@dataclass
+class WSGroupNormSettings(GroupNormSettings):
+    ws_eps: float = MISSING  # W_hat = (W - mean) / (std + ws_eps)
 
 
 # ----------------------------------------------------------------------------- builders
@@ -144,6 +179,31 @@ def _reference_batch(cfg: Any, spatial: bool) -> NormLayer:
     )
 
 
+def _ghost_batch(cfg: Any, spatial: bool) -> NormLayer:
+    return partial(
+        GhostBatchNorm,
+        virtual_batch_size=cfg.virtual_batch_size,
+        eps=cfg.eps,
+        momentum=cfg.momentum,
+        affine=cfg.affine,
+        track_running_stats=cfg.track_running_stats,
+    )
+
+
+def _frn(cfg: Any, spatial: bool) -> NormLayer:
+    return partial(FilterResponseNorm, eps=cfg.eps, learned_eps=cfg.learned_eps)
+
+
+def _rms(cfg: Any, spatial: bool) -> NormLayer:
+    if spatial:  # over C, H, W with a per-channel gain (nn.RMSNorm reduces the last dims)
+        return partial(ChannelRMSNorm, eps=cfg.eps, affine=cfg.affine)
+    return partial(nn.RMSNorm, eps=cfg.eps, elementwise_affine=cfg.affine)
+
+
+def _ws_layers(cfg: Any) -> WeightLayers:
+    return WeightLayers(partial(WSLinear, ws_eps=cfg.ws_eps), partial(WSConv2d, ws_eps=cfg.ws_eps))
+
+
 # ----------------------------------------------------------------------------- checks
 
 
@@ -179,6 +239,31 @@ def _check_batch_renorm(cfg: Any) -> None:
         raise ConfigError("norm.warmup_steps, rmax_ramp_steps and dmax_ramp_steps must be >= 0")
 
 
+def _check_ghost_batch(cfg: Any) -> None:
+    _check_running(cfg)
+    if cfg.virtual_batch_size < 2:
+        raise ConfigError(
+            f"norm.virtual_batch_size must be at least 2 (statistics of one example are "
+            f"meaningless); got {cfg.virtual_batch_size}"
+        )
+
+
+def _check_virtual_batch(cfg: Any, batch_size: int) -> None:
+    v = cfg.virtual_batch_size
+    if batch_size % v:
+        valid = ", ".join(str(d) for d in range(2, batch_size + 1) if batch_size % d == 0)
+        raise ConfigError(
+            f"norm.virtual_batch_size={v} does not divide batch_size={batch_size}; choose a "
+            f"divisor of {batch_size}: {valid or 'none (batch_size must be at least 2)'}"
+        )
+
+
+def _check_ws_group(cfg: Any) -> None:
+    _check_group(cfg)
+    if cfg.ws_eps <= 0:
+        raise ConfigError(f"norm.ws_eps must be positive; got {cfg.ws_eps}")
+
+
 # ----------------------------------------------------------------------------- the registry
 
 
@@ -193,14 +278,25 @@ class NormSpec:
     # just before it cancels. Layer and group norm subtract one mean over several channels,
     # which leaves per-channel bias differences in place: their bias is not redundant.
     removes_bias: bool = False
+    # Includes its activation (FRN's TLU): the model applies no activation after it.
+    includes_activation: bool = False
+    # cfg -> the linear and conv constructors of the layers it follows (weight standardization)
+    weight_layers: Callable[[Any], WeightLayers] | None = None
+    # (cfg, batch_size) -> None, raises ConfigError: what the norm needs of the batch size
+    check_batch: Callable[[Any, int], None] = lambda cfg, batch_size: None
+    # It makes sense on an RNN's hidden state (model=rnn accepts it) ...
+    recurrent: bool = False
+    # ... and keeps one layer per time step (only model=rnn has time steps).
+    per_step: bool = False
 
 
 _NORMS: dict[str, NormSpec] = {
-    "none": NormSpec(NoNormSettings, lambda cfg, spatial: None),
+    "none": NormSpec(NoNormSettings, lambda cfg, spatial: None, recurrent=True),
     "batch": NormSpec(
-        BatchNormSettings, _batch, _check_running, batch_stats=True, removes_bias=True
-    ),
-    "layer": NormSpec(LayerNormSettings, _layer, _check_eps),
+        BatchNormSettings, _batch, _check_running, batch_stats=True, removes_bias=True,
+        recurrent=True,
+    ),  # fmt: skip
+    "layer": NormSpec(LayerNormSettings, _layer, _check_eps, recurrent=True),
     "instance": NormSpec(
         InstanceNormSettings, _instance, _check_instance, spatial_only=True, removes_bias=True
     ),
@@ -212,14 +308,45 @@ _NORMS: dict[str, NormSpec] = {
     "reference_batch": NormSpec(
         BatchNormSettings, _reference_batch, _check_running, batch_stats=True, removes_bias=True
     ),
+    "ghost_batch": NormSpec(
+        GhostBatchNormSettings, _ghost_batch, _check_ghost_batch, batch_stats=True,
+        removes_bias=True, check_batch=_check_virtual_batch,
+    ),  # fmt: skip
+    "frn": NormSpec(FRNSettings, _frn, _check_eps, includes_activation=True),
+    "rms": NormSpec(LayerNormSettings, _rms, _check_eps),
+    "ws_group": NormSpec(WSGroupNormSettings, _group, _check_ws_group, weight_layers=_ws_layers),
+    # Cooijmans et al. 2016: one BatchNorm1d per time step of an RNN (statistics per step).
+    "batch_per_step": NormSpec(
+        BatchNormSettings, _batch, _check_running, batch_stats=True, removes_bias=True,
+        recurrent=True, per_step=True,
+    ),  # fmt: skip
 }
 # The layer classes of the batch-statistics norms, and of every norm (for weight decay).
 _BATCH_NORM_MODULES = (nn.modules.batchnorm._BatchNorm, BatchRenorm, ReferenceBatchNorm)
-_NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, *_BATCH_NORM_MODULES)
+_NORM_MODULES = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    ChannelRMSNorm,
+    FilterResponseNorm,
+    *_BATCH_NORM_MODULES,
+)
 
 
 def norm_names() -> list[str]:
     return list(_NORMS)
+
+
+def recurrent_norm_names() -> list[str]:
+    """The norms that make sense on an RNN's hidden state."""
+    return [name for name, spec in _NORMS.items() if spec.recurrent]
+
+
+def get_weight_layers(cfg: Any) -> WeightLayers:
+    """The linear and conv constructors for the layers the norm of ``cfg`` follows."""
+    spec = get_norm_spec(cfg.name)
+    return spec.weight_layers(cfg) if spec.weight_layers is not None else PLAIN_LAYERS
 
 
 def get_norm_spec(name: str) -> NormSpec:
