@@ -39,6 +39,10 @@ def test_every_model_and_norm_runs(model: str, norm: str, dataset: str, tiny: li
         with pytest.raises(ConfigError, match="needs CNN feature maps"):
             run(overrides)
         return
+    if norm == "batch_per_step":
+        with pytest.raises(ConfigError, match="needs model=rnn"):
+            run(overrides)
+        return
     result = run(overrides)
     assert result.status in ("ok", "stalled")  # one tiny epoch need not beat chance
     row = result.rows[-1]

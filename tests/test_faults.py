@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
 from normbench import results
+from normbench.cli import app
 from tests.conftest import TINY
 
 GRID = ["norm=batch,none", "lr=0.05,0.2", "seed=1", "epochs=3", "batch_size=8", *TINY[1:]]
@@ -154,23 +156,30 @@ def test_an_unusable_results_folder_is_refused_before_training(
 ) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    process = cli(command, *TINY, f"results_dir={blocker / 'r'}", cwd=tmp_path)
-    out, err = finish(process)
-    assert process.returncode == 2, out + err
-    assert err.startswith("error: ") and err.count("\n") == 1 and str(blocker) in err
+    result = CliRunner().invoke(app, [command, *TINY, f"results_dir={blocker / 'r'}"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert str(blocker) in result.stderr
 
 
-def test_killing_a_parallel_sweep_stops_its_workers(tmp_path: Path) -> None:
-    args = ["sweep", "--jobs", "2", "norm=batch,none,layer,group", "lr=0.05,0.2", "epochs=30"]
-    process = cli(*args, *TINY[1:], f"results_dir={tmp_path / 'r'}", cwd=tmp_path)
+def test_a_killed_parallel_sweep_stops_its_workers_and_resumes_to_the_same_numbers(
+    reference: dict[str, pd.DataFrame], tmp_path: Path
+) -> None:
     folder = tmp_path / "r"
-    wait_for(lambda: len(list(folder.glob(f"*/{results.CHECKPOINT_FILE}"))) >= 2)
+    args = ["sweep", "--jobs", "2", *GRID, f"results_dir={folder}"]
+    process = cli(*args, cwd=tmp_path)
+    wait_for(lambda: any(folder.glob(f"*/{results.CHECKPOINT_FILE}")))
     workers = _children(process.pid)
     assert workers
     process.kill()  # the main process only
     process.wait(timeout=30)
     wait_for(lambda: not any(_alive(pid) for pid in workers), timeout=15)
     finish(process, 30)  # the workers held its pipes open until they stopped
+    finished_in_parallel = complete_runs(folder)
+    assert 0 < len(finished_in_parallel) < RUNS or not finished_in_parallel
+    out, err = finish(cli("sweep", *GRID, f"results_dir={folder}", cwd=tmp_path))
+    assert "Traceback" not in err
+    assert_same(complete_runs(folder), reference)  # the runs trained in parallel included
 
 
 def _children(pid: int) -> list[int]:

@@ -149,19 +149,6 @@ def _cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
     )
 
 
-def test_parallel_jobs_give_the_sequential_metrics(tiny: list[str], tmp_path: Path) -> None:
-    grid = ["norm=batch,layer", "lr=0.05,0.5"]
-    sequential, parallel = tmp_path / "seq", tmp_path / "par"
-    assert sweep(*grid, *tiny, f"results_dir={sequential}").exit_code == 0
-    process = _cli("sweep", "--jobs", "2", *grid, *tiny, f"results_dir={parallel}", cwd=tmp_path)
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err
-    seq_runs, par_runs = complete_runs(sequential), complete_runs(parallel)
-    assert seq_runs.keys() == par_runs.keys() and len(seq_runs) == 4
-    for run_id, frame in seq_runs.items():
-        pd.testing.assert_frame_equal(frame, par_runs[run_id])
-
-
 def test_too_many_parallel_jobs_for_the_cores(tiny: list[str]) -> None:
     result = sweep("--jobs", str(len(os.sched_getaffinity(0)) + 1), "norm=batch,none", *tiny)
     assert result.exit_code == 2
