@@ -176,7 +176,7 @@ def test_a_killed_parallel_sweep_stops_its_workers_and_resumes_to_the_same_numbe
     wait_for(lambda: not any(_alive(pid) for pid in workers), timeout=15)
     finish(process, 30)  # the workers held its pipes open until they stopped
     finished_in_parallel = complete_runs(folder)
-    assert 0 < len(finished_in_parallel) < RUNS or not finished_in_parallel
+    assert len(finished_in_parallel) < RUNS
     out, err = finish(cli("sweep", *GRID, f"results_dir={folder}", cwd=tmp_path))
     assert "Traceback" not in err
     assert_same(complete_runs(folder), reference)  # the runs trained in parallel included

@@ -1,0 +1,147 @@
+"""Stacked sweeps: ``--stack`` against one job per run, and against a plain Lightning loop.
+
+1. The lr_robustness and batch_size presets run four ways side by side, each into a fresh
+   folder: serial, ``--jobs 2``, ``--stack``, ``--stack --jobs 2``. Printed: wall time, the
+   training time inside it (the runs' summed epoch_seconds; for a stack, each group's epochs
+   once), the ratio to ``--jobs 2`` and to serial, and the peak memory of any process of the
+   sweep (max RSS).
+2. The 12-run default grid (4 norms x 3 learning rates, toy data, 5 epochs):
+   ``normbench sweep --stack`` against the same 12 runs as a plain PyTorch Lightning
+   ``Trainer`` loop (DataLoader over the same tensors, the same model, one run after another
+   in one process, imports included). Lightning is a bench extra only:
+   ``pip install -e ".[bench]"``; without it that part is skipped.
+
+Run: python bench/bench_stacked.py [--quick]   (--quick: the 12-run grid only)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+MODES = {
+    "serial": [],
+    "--jobs 2": ["--jobs", "2"],
+    "--stack": ["--stack"],
+    "--stack --jobs 2": ["--stack", "--jobs", "2"],
+}
+PRESETS = ["experiment=lr_robustness", "experiment=batch_size"]
+GRID = ["norm=batch,layer,group,none", "lr=0.01,0.1,1.0"]
+# Runs a command and prints the largest resident set of any process it waited for (KiB).
+_PEAK = (
+    "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+    "capture_output=True); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
+
+
+def sweep(results_dir: Path, flags: list[str], overrides: list[str]) -> dict[str, float]:
+    """Wall time, summed training time and peak memory of one ``normbench sweep``."""
+    command = [sys.executable, "-m", "normbench", "sweep", *flags, *overrides]
+    start = time.perf_counter()
+    peak = subprocess.run(
+        [sys.executable, "-c", _PEAK, *command, f"results_dir={results_dir}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    wall = time.perf_counter() - start
+    frames = [pd.read_csv(p) for p in results_dir.glob("*/metrics.csv")]
+    runs = pd.concat(frames)
+    # a stacked group's epoch_seconds is the whole stack's epoch: count it once per group
+    per_epoch = runs.groupby(["epoch", "stack_size", "epoch_seconds"]).size().reset_index()
+    training = float(per_epoch["epoch_seconds"].sum())
+    return {"wall": wall, "training": training, "peak_mib": int(peak) / 1024, "runs": len(frames)}
+
+
+def compare_modes(preset: str, tmp: Path) -> None:
+    print(f"\n{preset}")
+    timings = {name: sweep(tmp / f"{preset}-{i}", flags, [preset])
+               for i, (name, flags) in enumerate(MODES.items())}  # fmt: skip
+    base, jobs2 = timings["serial"]["wall"], timings["--jobs 2"]["wall"]
+    for name, t in timings.items():
+        print(
+            f"  {name:<16} {t['wall']:6.1f} s wall, {t['training']:6.1f} s training, "
+            f"{base / t['wall']:4.2f}x serial, {jobs2 / t['wall']:4.2f}x --jobs 2, "
+            f"peak {t['peak_mib']:.0f} MiB ({t['runs']} runs)"
+        )
+
+
+LIGHTNING_LOOP = r"""
+import json, sys, time
+start = time.perf_counter()
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from normbench.app import compose_config
+from normbench.datasets import load_dataset
+from normbench.models import build_model, init_paired
+
+class Module(L.LightningModule):
+    def __init__(self, model, lr):
+        super().__init__()
+        self.model, self.lr = model, lr
+    def training_step(self, batch, _):
+        x, y = batch
+        return nn.functional.cross_entropy(self.model(x), y)
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+torch.set_num_threads(1)
+for norm in ("batch", "layer", "group", "none"):
+    for lr in (0.01, 0.1, 1.0):
+        cfg, _ = compose_config([f"norm={norm}", f"lr={lr}"])
+        data = load_dataset(cfg.dataset, cfg.seed)
+        model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs)
+        init_paired(model, cfg.seed)
+        loader = DataLoader(TensorDataset(*data.train), batch_size=cfg.batch_size,
+                            shuffle=True, drop_last=True)
+        trainer = L.Trainer(max_epochs=cfg.epochs, accelerator="cpu", logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        trainer.fit(Module(model, lr), loader)
+print(json.dumps({"wall": time.perf_counter() - start}))
+"""
+
+
+def compare_lightning(tmp: Path) -> None:
+    print("\n12-run default grid (4 norms x 3 lr, toy data, 5 epochs)")
+    stacked = sweep(tmp / "grid-stack", ["--stack"], GRID)
+    plain = sweep(tmp / "grid-serial", [], GRID)
+    overhead = stacked["wall"] - stacked["training"]
+    print(
+        f"  normbench sweep --stack {stacked['wall']:5.1f} s wall, fixed overhead "
+        f"{overhead:.1f} s ({overhead / stacked['wall']:.0%} of wall)"
+    )
+    print(f"  normbench sweep         {plain['wall']:5.1f} s wall")
+    try:
+        import lightning  # noqa: F401
+    except ImportError:
+        print("  Lightning loop: skipped (pip install -e '.[bench]')")
+        return
+    done = subprocess.run(
+        [sys.executable, "-c", LIGHTNING_LOOP], check=True, capture_output=True, text=True
+    )
+    lightning_wall = json.loads(done.stdout.strip().splitlines()[-1])["wall"]
+    print(
+        f"  Lightning Trainer loop  {lightning_wall:5.1f} s wall; --stack is "
+        f"{lightning_wall / stacked['wall']:.2f}x faster"
+    )
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        compare_lightning(Path(tmp))
+        if "--quick" not in sys.argv:
+            for preset in PRESETS:
+                compare_modes(preset, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
