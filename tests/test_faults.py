@@ -61,12 +61,17 @@ def wait_for(predicate, timeout: float = 120) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pd.DataFrame]:
+def reference_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The grid swept once, uninterrupted, one run after another."""
     root = tmp_path_factory.mktemp("reference")
     out, err = finish(cli("sweep", *GRID, f"results_dir={root / 'r'}", cwd=root))
-    runs = complete_runs(root / "r")
-    assert len(runs) == RUNS, err
-    return runs
+    assert len(complete_runs(root / "r")) == RUNS, err
+    return root / "r"
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir: Path) -> dict[str, pd.DataFrame]:
+    return complete_runs(reference_dir)
 
 
 def assert_same(runs: dict[str, pd.DataFrame], reference: dict[str, pd.DataFrame]) -> None:
@@ -194,3 +199,53 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as handle:  # a zombie is dead
         return handle.read().split(")")[-1].split()[0] != "Z"
+
+
+# ----------------------------------------------------------------------------- stacked sweeps
+
+
+def test_a_stacked_sweep_writes_the_runs_a_per_run_sweep_writes(
+    reference: dict[str, pd.DataFrame], tmp_path: Path
+) -> None:
+    folder = tmp_path / "r"
+    dry = CliRunner().invoke(app, ["sweep", "--stack", "--dry-run", *GRID])
+    assert "4 jobs in 2 stacked group jobs" in dry.stdout
+    result = CliRunner().invoke(app, ["sweep", "--stack", *GRID, f"results_dir={folder}"])
+    assert result.exit_code == 0, result.output
+    runs = complete_runs(folder)
+    assert runs.keys() == reference.keys()  # same run ids, one folder per run
+    for run_id, frame in reference.items():
+        stacked = runs[run_id]
+        assert (stacked["stack_size"] == 2).all()  # lr 0.05 and 0.2 of one norm, together
+        assert list(stacked.columns) == list(frame.columns)
+        numeric = ["train_loss", "val_loss", "val_acc", "grad_norm", "test_loss", "test_acc"]
+        pd.testing.assert_frame_equal(stacked[numeric], frame[numeric], rtol=1e-4)
+
+
+def test_a_stacked_group_trains_only_its_unfinished_members(
+    reference: dict[str, pd.DataFrame], reference_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    folder = tmp_path / "r"
+    done = next(r for r in reference if "-none-" in r and "lr0.05" in r)
+    shutil.copytree(reference_dir / done, folder / done)  # as if killed after this member
+    before = (folder / done / results.METRICS_FILE).read_bytes()
+    result = CliRunner().invoke(app, ["sweep", "--stack", *GRID, f"results_dir={folder}"])
+    assert result.exit_code == 0, result.output
+    assert (folder / done / results.METRICS_FILE).read_bytes() == before
+    runs = complete_runs(folder)
+    assert len(runs) == RUNS
+    partner = next(r for r in runs if "-none-" in r and r != done)
+    assert (runs[partner]["stack_size"] == 1).all()  # trained alone: its partner was done
+    summary = summary_counts(result.stdout)
+    assert summary["skipped"] == 1 and summary["ok"] + summary["stalled"] == RUNS - 1
+
+
+def test_a_group_that_cannot_stack_runs_its_members_with_a_notice(tmp_path: Path) -> None:
+    args = ["sweep", "--stack", "norm=frn", "lr=0.05,0.2", *TINY, f"results_dir={tmp_path}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "not stacked (2 runs one after another)" in result.stderr
+    assert "FilterResponseNorm" in result.stderr
+    assert len(complete_runs(tmp_path)) == 2
