@@ -131,6 +131,13 @@ def _toy_info(cfg: Any) -> SourceInfo:
         )
     if cfg.task not in TASKS:
         raise choices_error("dataset.task", cfg.task, TASKS)
+    _check_synthetic(cfg)
+    classify = cfg.task == "classification"
+    return SourceInfo(shape, cfg.num_classes if classify else 1, cfg.task, cfg.train_size)
+
+
+def _check_synthetic(cfg: Any) -> None:
+    """The sizes and noise every synthetic dataset reads."""
     if cfg.num_classes < 2:
         raise ConfigError(f"dataset.num_classes must be at least 2, got {cfg.num_classes}")
     if cfg.train_size < 2 or cfg.test_size < 0:
@@ -140,8 +147,6 @@ def _toy_info(cfg: Any) -> SourceInfo:
         )
     if cfg.noise < 0:
         raise ConfigError(f"dataset.noise must be at least 0, got {cfg.noise}")
-    classify = cfg.task == "classification"
-    return SourceInfo(shape, cfg.num_classes if classify else 1, cfg.task, cfg.train_size)
 
 
 def _load_toy(cfg: Any) -> _Source:
@@ -187,15 +192,7 @@ def _toy_sequence_info(cfg: Any) -> SourceInfo:
             f"dataset.steps and dataset.features must be at least 1, got {cfg.steps} and "
             f"{cfg.features}"
         )
-    if cfg.num_classes < 2:
-        raise ConfigError(f"dataset.num_classes must be at least 2, got {cfg.num_classes}")
-    if cfg.train_size < 2 or cfg.test_size < 0:
-        raise ConfigError(
-            f"dataset.train_size must be at least 2 and dataset.test_size at least 0, "
-            f"got {cfg.train_size} and {cfg.test_size}"
-        )
-    if cfg.noise < 0:
-        raise ConfigError(f"dataset.noise must be at least 0, got {cfg.noise}")
+    _check_synthetic(cfg)
     shape = (cfg.steps, cfg.features)
     return SourceInfo(shape, cfg.num_classes, "classification", cfg.train_size)
 

@@ -114,6 +114,16 @@ class WSGroupNormSettings(GroupNormSettings):
 # ----------------------------------------------------------------------------- builders
 
 
+def _constructor(cls: type[nn.Module]) -> Callable[[Any, bool], NormLayer]:
+    """A builder passing every setting of the schema (but name and freeze) to ``cls``: the
+    schema holds exactly what the layer reads."""
+
+    def build(cfg: Any, spatial: bool) -> NormLayer:
+        return partial(cls, **{k: v for k, v in cfg.items() if k not in ("name", "freeze")})
+
+    return build
+
+
 def _batch(cfg: Any, spatial: bool) -> NormLayer:
     return partial(
         nn.BatchNorm2d if spatial else nn.BatchNorm1d,
@@ -153,45 +163,6 @@ def _group(cfg: Any, spatial: bool) -> NormLayer:
         return nn.GroupNorm(groups, channels, eps=eps, affine=affine)
 
     return group_norm
-
-
-def _batch_renorm(cfg: Any, spatial: bool) -> NormLayer:
-    return partial(
-        BatchRenorm,
-        eps=cfg.eps,
-        momentum=cfg.momentum,
-        affine=cfg.affine,
-        rmax=cfg.rmax,
-        dmax=cfg.dmax,
-        warmup_steps=cfg.warmup_steps,
-        rmax_ramp_steps=cfg.rmax_ramp_steps,
-        dmax_ramp_steps=cfg.dmax_ramp_steps,
-    )
-
-
-def _reference_batch(cfg: Any, spatial: bool) -> NormLayer:
-    return partial(
-        ReferenceBatchNorm,
-        eps=cfg.eps,
-        momentum=cfg.momentum,
-        affine=cfg.affine,
-        track_running_stats=cfg.track_running_stats,
-    )
-
-
-def _ghost_batch(cfg: Any, spatial: bool) -> NormLayer:
-    return partial(
-        GhostBatchNorm,
-        virtual_batch_size=cfg.virtual_batch_size,
-        eps=cfg.eps,
-        momentum=cfg.momentum,
-        affine=cfg.affine,
-        track_running_stats=cfg.track_running_stats,
-    )
-
-
-def _frn(cfg: Any, spatial: bool) -> NormLayer:
-    return partial(FilterResponseNorm, eps=cfg.eps, learned_eps=cfg.learned_eps)
 
 
 def _rms(cfg: Any, spatial: bool) -> NormLayer:
@@ -302,17 +273,20 @@ _NORMS: dict[str, NormSpec] = {
     ),
     "group": NormSpec(GroupNormSettings, _group, _check_group),
     "batch_renorm": NormSpec(
-        BatchRenormSettings, _batch_renorm, _check_batch_renorm, batch_stats=True,
+        BatchRenormSettings, _constructor(BatchRenorm), _check_batch_renorm, batch_stats=True,
         removes_bias=True,
     ),  # fmt: skip
     "reference_batch": NormSpec(
-        BatchNormSettings, _reference_batch, _check_running, batch_stats=True, removes_bias=True
-    ),
+        BatchNormSettings, _constructor(ReferenceBatchNorm), _check_running, batch_stats=True,
+        removes_bias=True,
+    ),  # fmt: skip
     "ghost_batch": NormSpec(
-        GhostBatchNormSettings, _ghost_batch, _check_ghost_batch, batch_stats=True,
+        GhostBatchNormSettings, _constructor(GhostBatchNorm), _check_ghost_batch, batch_stats=True,
         removes_bias=True, check_batch=_check_virtual_batch,
     ),  # fmt: skip
-    "frn": NormSpec(FRNSettings, _frn, _check_eps, includes_activation=True),
+    "frn": NormSpec(
+        FRNSettings, _constructor(FilterResponseNorm), _check_eps, includes_activation=True
+    ),
     "rms": NormSpec(LayerNormSettings, _rms, _check_eps),
     "ws_group": NormSpec(WSGroupNormSettings, _group, _check_ws_group, weight_layers=_ws_layers),
     # Cooijmans et al. 2016: one BatchNorm1d per time step of an RNN (statistics per step).
