@@ -107,7 +107,10 @@ def _run_stacked(members: list[DictConfig], choices: Mapping[str, str]) -> list[
     """Train the group's unfinished members as stacks; skip, or leave to another sweep, the
     rest. A group killed mid-way reruns only its unfinished members."""
     cfg = members[0]
-    shape = check_run(cfg)
+    try:
+        shape = check_run(cfg)
+    except ConfigError:  # bad input on this node: each member records why it failed
+        return [_run_alone(member, choices) for member in members]
     records, todo = [], []
     with ExitStack() as held:
         for member in members:
@@ -121,10 +124,14 @@ def _run_stacked(members: list[DictConfig], choices: Mapping[str, str]) -> list[
                 held.enter_context(mine)
                 todo.append(log)
         if todo:
-            check_results_dir(
-                Path(cfg.results_dir),
-                len(todo) * estimate_run_bytes(shape.num_params, cfg.epochs),
-            )
+            try:
+                check_results_dir(
+                    Path(cfg.results_dir),
+                    len(todo) * estimate_run_bytes(shape.num_params, cfg.epochs),
+                )
+            except ConfigError as error:
+                message = str(error)
+                return records + [_record(log.cfg, log.run_id, "failed", message) for log in todo]
             torch.set_num_threads(cfg.threads)
             for chunk in chunk_members(todo, max_members=cfg.stack_max_members):
                 records += _train_chunk(chunk)
