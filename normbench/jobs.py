@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 from collections.abc import Mapping
+from contextlib import suppress
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -39,7 +40,8 @@ def run_job(
     records = run_group(cfg, choices)
     for record in records:
         record["overrides"] = _member_overrides(overrides, record)
-    results.atomic_write_text(output_dir / JOB_RECORD, json.dumps({"runs": records}))
+    with suppress(OSError):  # a full disk: the runs' own files say what failed to be written
+        results.atomic_write_text(output_dir / JOB_RECORD, json.dumps({"runs": records}))
     objectives = [r["objective"] for r in records if math.isfinite(r["objective"])]
     return max(objectives, default=math.nan)
 
