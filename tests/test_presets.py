@@ -54,7 +54,7 @@ def test_lr_robustness_half_decade_grid_five_seeds(results_dir: Path) -> None:
     assert _values(jobs, "seed") == ["0", "1", "2", "3", "4"]
     assert min(lrs) <= 0.01 and max(lrs) >= 30
     # half-decade: two grid points per factor of 10, so a ratio is resolved to ~3.16x
-    steps = [math.log10(b / a) for a, b in zip(lrs, lrs[1:])]
+    steps = [math.log10(b / a) for a, b in zip(lrs[:-1], lrs[1:], strict=True)]
     assert all(0.45 <= s <= 0.55 for s in steps), lrs
     assert len({job.run_id for job in jobs}) == len(jobs)
 
