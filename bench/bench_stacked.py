@@ -61,7 +61,8 @@ def sweep(results_dir: Path, flags: list[str], overrides: list[str]) -> dict[str
 
 def compare_modes(preset: str, tmp: Path) -> None:
     print(f"\n{preset}")
-    timings = {name: sweep(tmp / f"{preset}-{i}", flags, [preset])
+    folder = preset.split("=")[-1]  # no "=" in a results_dir override's value
+    timings = {name: sweep(tmp / f"{folder}-{i}", flags, [preset])
                for i, (name, flags) in enumerate(MODES.items())}  # fmt: skip
     base, jobs2 = timings["serial"]["wall"], timings["--jobs 2"]["wall"]
     for name, t in timings.items():

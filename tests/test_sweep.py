@@ -47,8 +47,8 @@ def test_dry_run_counts_the_grid_and_runs_nothing(tiny: list[str], results_dir: 
         (["lr=range(0.1,0.35,0.1)"], 3),  # 0.30000000000000004 is recorded as 0.3
         (["lr=choice(0.1,0.2)", "seed=0,1"], 4),
         (["norm=glob(batch_n*)"], 2),  # batch_noaffine, batch_nostats
-        (["experiment=lr_robustness"], 4 * 5 * 3),
-        (["experiment=lr_robustness", "seed=0"], 4 * 5),  # the command line wins
+        (["experiment=lr_robustness"], 4 * 9 * 5),
+        (["experiment=lr_robustness", "seed=0"], 4 * 9),  # the command line wins
         (["experiment=batch_size"], 4 * 4 * 3),
     ],
 )
