@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +178,14 @@ def test_unavailable_device_is_a_clear_error(tiny: list[str], results_dir: Path)
     assert result.exit_code == 2
     assert "device 'cuda' is not available here; choose from: auto, cpu" in result.stderr
     assert not results_dir.exists()
+
+
+def test_a_run_that_does_not_learn_is_stalled(results_dir: Path) -> None:
+    # Issue 12's example: the loss settles near ln(10), accuracy at chance, nothing diverges.
+    args = ["run", "norm=none", "lr=3", "seed=3", "quiet=true", f"results_dir={results_dir}"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.stderr
+    (run_dir,) = results_dir.iterdir()
+    final = pd.read_csv(run_dir / results.METRICS_FILE).iloc[-1]
+    assert final["status"] == "stalled" and final["val_acc"] < 0.2
+    assert final["train_loss"] > 0.95 * math.log(10)
