@@ -28,6 +28,7 @@ from normbench.errors import ConfigError
 
 CONFIG_MODULE = "normbench.configs"
 GROUPS = ("model", "norm", "dataset", "optimizer", "experiment")
+CHOICE_GROUPS = GROUPS[:-1]  # the groups whose choice names a run (experiment only overrides)
 MAX_OVERRIDE_CHARS = 1000
 
 register_configs()
@@ -151,7 +152,7 @@ def compose_job(
             overrides=[*search, *overrides],
             return_hydra_config=True,
         )
-    choices = {group: str(cfg.hydra.runtime.choices[group]) for group in GROUPS[:-1]}
+    choices = {group: str(cfg.hydra.runtime.choices[group]) for group in CHOICE_GROUPS}
     if not keep_hydra:
         with open_dict(cfg):
             del cfg["hydra"]
@@ -188,7 +189,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     from normbench.summary import print_run
 
     hydra_cfg = HydraConfig.get()
-    choices = {group: str(hydra_cfg.runtime.choices[group]) for group in GROUPS[:-1]}
+    choices = {group: str(hydra_cfg.runtime.choices[group]) for group in CHOICE_GROUPS}
     if hydra_cfg.mode == RunMode.MULTIRUN:
         overrides = list(hydra_cfg.overrides.task)
         return run_job(cfg, choices, overrides, Path(hydra_cfg.runtime.output_dir))

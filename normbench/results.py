@@ -110,6 +110,13 @@ def _flatten(node: DictConfig, prefix: str) -> dict[str, Any]:
     return flat
 
 
+def setup_key(cfg: DictConfig) -> str:
+    """The run's identity without ``lr`` and ``seed``: equal for the runs of one setup, which
+    a stacked sweep trains together."""
+    flat = flat_config(cfg)
+    return json.dumps({k: v for k, v in flat.items() if k not in ("lr", "seed")}, sort_keys=True)
+
+
 def run_id(cfg: DictConfig, choices: Mapping[str, str]) -> str:
     """A readable id derived from the resolved config: same config, same id.
 

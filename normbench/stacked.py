@@ -42,10 +42,10 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from normbench import norms
+from normbench import norms, results
 from normbench.datasets import DataSplits, load_dataset
 from normbench.errors import ConfigError
 from normbench.models import build_model, init_paired
@@ -62,18 +62,6 @@ from normbench.train import EpochStats, pick_device
 Tensors = tuple[Tensor, Tensor]
 T = TypeVar("T")
 
-# Keys that may differ between the members of one stack.
-MEMBER_KEYS = ("lr", "seed")
-# Keys that do not change what a run computes (where it writes, how it reports).
-_IGNORED_KEYS = (
-    "results_dir",
-    "quiet",
-    "skip_done",
-    "threads",
-    "diagnostics_every",
-    "divergence_factor",
-    "stall_margin",
-)
 _BATCH_NORM_STACKS = (StackedBatchNorm, StackedReferenceBatchNorm, StackedBatchRenorm)
 
 
@@ -103,11 +91,8 @@ def stack_unsupported(cfg: DictConfig) -> str | None:
 
 
 def stack_key(cfg: DictConfig) -> str:
-    """A string equal for configs that may share a stack: all keys but lr and seed equal."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    for key in (*MEMBER_KEYS, *_IGNORED_KEYS):
-        plain.pop(key, None)
-    return OmegaConf.to_yaml(OmegaConf.create(plain))
+    """A string equal for configs that may share a stack: the same run but for lr and seed."""
+    return results.setup_key(cfg)
 
 
 def estimate_member_bytes(

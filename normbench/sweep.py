@@ -16,7 +16,6 @@ the summary is read from those records.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import signal
@@ -152,7 +151,7 @@ def _check_cells(
         for override in scalars:
             _update(cfg, override)
         validate(cfg)
-        setup = _setup_key(cfg)
+        setup = results.setup_key(cfg)
         if setup not in checked:
             checked[setup] = estimate_run_bytes(check_setup(cfg).num_params, cfg.epochs)
         run_id = results.run_id(cfg, choices)
@@ -179,11 +178,6 @@ def _update(cfg: DictConfig, override) -> None:
     except OmegaConfBaseException as error:
         detail = str(error).strip().splitlines()[0]
         raise ConfigError(f"{override.input_line}: {detail}") from None
-
-
-def _setup_key(cfg: DictConfig) -> str:
-    flat = results.flat_config(cfg)
-    return json.dumps({k: v for k, v in flat.items() if k not in ("lr", "seed")}, sort_keys=True)
 
 
 def distinct_runs(jobs: list[Job]) -> list[Job]:
