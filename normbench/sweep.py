@@ -59,6 +59,7 @@ class Job:
     run_id: str
     path: Path
     done_before: bool  # complete results existed when the sweep was planned
+    cfg: DictConfig  # as planned (Hydra composes the same config when it launches the job)
 
 
 @dataclass
@@ -157,7 +158,7 @@ def _check_cells(
         run_id = results.run_id(cfg, choices)
         path = Path(cfg.results_dir) / run_id
         done = results.is_complete(path, cfg.diagnostics)
-        jobs.append(Job(cell, run_id, path, done))
+        jobs.append(Job(cell, run_id, path, done, cfg))
         needed += 0 if done else checked[setup]
     return jobs, needed
 

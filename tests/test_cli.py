@@ -92,7 +92,7 @@ def test_runtime_failure_is_recorded_and_exits_1(
         (["optimizer=adam", "optimizer.momentum=0.9"], "the chosen optimizer reads"),
         (["dataset=digits", "dataset.noise=2"], "the chosen dataset reads"),
         (["model.hidden=[]"], "norm 'batch' normalizes nothing in model 'mlp'"),
-        (["experiment=nope"], "unknown experiment 'nope'; choose from: batch_size"),
+        (["experiment=nope"], "unknown experiment 'nope'; choose from: activation_drift"),
         (["threads=999"], "threads=999 exceeds the"),
         ([f"norm={'x' * 10000}"], "the limit is 1000"),
         (["norm=батч"], "non-ASCII character"),

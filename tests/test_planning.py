@@ -45,6 +45,20 @@ def test_planning_loads_no_data(tiny: list[str], monkeypatch) -> None:
     assert len(plan.jobs) == 48
 
 
+def test_planned_configs_are_the_configs_hydra_composes(tiny: list[str]) -> None:
+    """Planning composes once per choice of groups and applies the rest itself: the result
+    must be what Hydra composes for each job (interpolations, presets and lists included)."""
+    from omegaconf import OmegaConf
+
+    from normbench.app import compose_config
+
+    jobs = plan_sweep(["experiment=batch_size_equal_steps", "model.hidden=[8],[4]", *tiny]).jobs
+    for job in jobs[:: len(jobs) // 7]:
+        composed, choices = compose_config(job.overrides)
+        assert OmegaConf.to_container(job.cfg) == OmegaConf.to_container(composed)
+        assert job.run_id == results.run_id(composed, choices)
+
+
 def test_where_the_data_lives_is_not_part_of_a_run(tiny: list[str], tmp_path: Path) -> None:
     from tests.fake_datasets import write_fake_mnist
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from normbench.app import compose_job, hydra_context
 from normbench.datasets import describe_dataset
 from normbench.sweep import Job, plan_sweep
 
@@ -32,10 +31,8 @@ def _values(jobs: list[Job], key: str) -> list[str]:
 
 
 def _configs(jobs: list[Job]):
-    """Every job's composed config (as the job itself will compose it)."""
-    with hydra_context():
-        for job in jobs:
-            yield job, compose_job(job.overrides)[0]
+    """Every job's config as planned (tests/test_planning.py: as the job composes it)."""
+    return [(job, job.cfg) for job in jobs]
 
 
 def _steps(cfg) -> int:
