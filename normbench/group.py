@@ -111,30 +111,30 @@ def _run_stacked(members: list[DictConfig], choices: Mapping[str, str]) -> list[
         shape = check_run(cfg)
     except ConfigError:  # bad input on this node: each member records why it failed
         return [_run_alone(member, choices) for member in members]
-    records, todo = [], []
+    logs = [RunLog(member, choices, shape.data.task) for member in members]
+    records = [
+        _record(log.cfg, log.run_id, "skipped")
+        for log in logs
+        if log.cfg.skip_done and results.is_complete(log.path, log.cfg.diagnostics)
+    ]
+    pending = [log for log in logs if log.run_id not in {r["run_id"] for r in records}]
+    try:
+        needed = len(pending) * estimate_run_bytes(shape.num_params, cfg.epochs)
+        check_results_dir(Path(cfg.results_dir), needed)
+    except ConfigError as error:
+        return records + [_record(log.cfg, log.run_id, "failed", str(error)) for log in pending]
     with ExitStack() as held:
-        for member in members:
-            log = RunLog(member, choices, shape.data.task)
-            if member.skip_done and results.is_complete(log.path, member.diagnostics):
-                records.append(_record(member, log.run_id, "skipped"))
-            elif (mine := claim(log.path)) is None:
+        todo = []
+        for log in pending:
+            if (mine := claim(log.path)) is None:
                 error = f"run {log.run_id} is being trained by another process"
-                records.append(_record(member, log.run_id, "elsewhere", error))
+                records.append(_record(log.cfg, log.run_id, "elsewhere", error))
             else:
                 held.enter_context(mine)
                 todo.append(log)
-        if todo:
-            try:
-                check_results_dir(
-                    Path(cfg.results_dir),
-                    len(todo) * estimate_run_bytes(shape.num_params, cfg.epochs),
-                )
-            except ConfigError as error:
-                message = str(error)
-                return records + [_record(log.cfg, log.run_id, "failed", message) for log in todo]
-            torch.set_num_threads(cfg.threads)
-            for chunk in chunk_members(todo, max_members=cfg.stack_max_members):
-                records += _train_chunk(chunk)
+        torch.set_num_threads(cfg.threads)
+        for chunk in chunk_members(todo, max_members=cfg.stack_max_members):
+            records += _train_chunk(chunk)
     return records
 
 
