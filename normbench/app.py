@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 import yaml
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -209,6 +209,12 @@ def translate_errors() -> Iterator[None]:
         yield
     except MissingConfigException as error:
         raise ConfigError(_missing_config_message(error)) from None
+    except OverrideParseException as error:
+        first = str(error).strip().splitlines()[0]
+        raise ConfigError(
+            f"cannot parse override {error.override!r}: {first} "
+            "(quote a value holding '=' or spaces: key='a=b')"
+        ) from None
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError(_one_line(error)) from None
     except yaml.YAMLError as error:

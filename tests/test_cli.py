@@ -96,6 +96,7 @@ def test_runtime_failure_is_recorded_and_exits_1(
         (["threads=999"], "threads=999 exceeds the"),
         ([f"norm={'x' * 10000}"], "the limit is 1000"),
         (["norm=батч"], "non-ASCII character"),
+        (["results_dir=/tmp/a=b"], "cannot parse override 'results_dir=/tmp/a=b'"),
         (["lr=abc"], "lr=abc"),
         (["foo=1"], "unknown config key 'foo'; valid keys: model, norm"),
         (["+foo=1"], "unknown config key 'foo'"),  # + adds keys even to a typed config
