@@ -254,15 +254,24 @@ def _stacked(plan: Plan, overrides: list[str]) -> tuple[list[str], int]:
             f"--stack groups the basic sweeper's grid; the {plan.sweeper} sweeper chooses its "
             "runs one at a time"
         )
-    members = {k: [v.split("=", 1)[1] for v in plan.values.get(k, [])] for k in ("lr", "seed")}
+    members = {k: _distinct(plan.values.get(k, [])) for k in ("lr", "seed")}
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("lr", "seed")]
     grouped = [
         *kept,
         *(f"{key}={values[0]}" for key, values in members.items() if values),
         *(f"stack_{key}=[{','.join(values)}]" for key, values in members.items() if values),
     ]
-    size = math.prod(len(values) or 1 for values in members.values())
+    size = math.prod(len(plan.values.get(k, [])) or 1 for k in members)  # cells per group
     return grouped, plan.cells // size
+
+
+def _distinct(overrides: list[str]) -> list[str]:
+    """The values of ``key=value`` overrides, one per number (``0.1`` and ``1e-1`` are one)."""
+    by_number = {}
+    for override in overrides:
+        value = override.split("=", 1)[1]
+        by_number.setdefault(results.normalize_value(float(value)), value)
+    return list(by_number.values())
 
 
 @contextmanager
