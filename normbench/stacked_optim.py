@@ -40,6 +40,12 @@ class StackedOptimizer:
         for p in self.params:
             p.grad = None
 
+    def _grads(self):
+        """Each parameter with a gradient: (param, its gradient plus L2 weight decay, state)."""
+        for p, wd, state in zip(self.params, self.weight_decays, self.state, strict=True):
+            if p.grad is not None:
+                yield p, p.grad.add(p, alpha=wd) if wd else p.grad, state
+
     def keep(self, index: Tensor) -> None:
         """Keep only the members at ``index`` (along dim 0) in the lr and every state tensor."""
         self.lr = self.lr[index]
@@ -65,12 +71,7 @@ class StackedSGD(StackedOptimizer):
 
     @torch.no_grad()
     def step(self) -> None:
-        for p, wd, state in zip(self.params, self.weight_decays, self.state, strict=True):
-            if p.grad is None:
-                continue
-            grad = p.grad
-            if wd:
-                grad = grad.add(p, alpha=wd)
+        for p, grad, state in self._grads():
             if self.momentum:
                 buf = state.get("momentum_buffer")
                 if buf is None:
@@ -98,12 +99,7 @@ class StackedAdam(StackedOptimizer):
         beta1, beta2 = self.betas
         bias_correction1 = 1 - beta1**self.steps
         bias_correction2_sqrt = math.sqrt(1 - beta2**self.steps)
-        for p, wd, state in zip(self.params, self.weight_decays, self.state, strict=True):
-            if p.grad is None:
-                continue
-            grad = p.grad
-            if wd:
-                grad = grad.add(p, alpha=wd)
+        for p, grad, state in self._grads():
             if not state:
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)

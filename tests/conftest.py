@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,15 @@ def results_dir(tmp_path: Path) -> Path:
 def tiny(results_dir: Path) -> list[str]:
     """Overrides for a fast run writing into a temporary results folder."""
     return [*TINY, f"results_dir={results_dir}"]
+
+
+def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
+    """``python -m normbench ARGS`` in a subprocess, its output captured as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "normbench", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )

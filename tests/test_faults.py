@@ -11,7 +11,6 @@ import random
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,22 +20,11 @@ from typer.testing import CliRunner
 
 from normbench import results
 from normbench.cli import app
-from tests.conftest import TINY
+from tests.conftest import TINY, cli
 
 GRID = ["norm=batch,none", "lr=0.05,0.2", "seed=1", "epochs=3", "batch_size=8", *TINY[1:]]
 RUNS = 4
 TIMINGS = ["epoch_seconds"]
-
-
-def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "normbench", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kwargs,
-    )
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +12,7 @@ from typer.testing import CliRunner
 from normbench import results
 from normbench.cli import app
 from normbench.sweep import plan_sweep
-from tests.conftest import USER_MODEL
+from tests.conftest import USER_MODEL, cli
 from tests.fake_datasets import write_fake_mnist
 
 runner = CliRunner()
@@ -138,17 +136,6 @@ def test_config_dir_adds_user_configs_to_a_sweep(tiny: list[str], tmp_path: Path
         assert "2 jobs" in result.stdout and "tiny_mlp-batch-toy" in result.stdout
 
 
-def _cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "normbench", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kwargs,
-    )
-
-
 def test_too_many_parallel_jobs_for_the_cores(tiny: list[str]) -> None:
     result = sweep("--jobs", str(len(os.sched_getaffinity(0)) + 1), "norm=batch,none", *tiny)
     assert result.exit_code == 2
@@ -156,7 +143,7 @@ def test_too_many_parallel_jobs_for_the_cores(tiny: list[str]) -> None:
 
 
 def test_submitit_local_launcher(tiny: list[str], tmp_path: Path) -> None:
-    process = _cli(
+    process = cli(
         "sweep", "norm=batch,none", "hydra/launcher=submitit_local", *tiny,
         f"results_dir={tmp_path / 'r'}", cwd=tmp_path,
     )  # fmt: skip
