@@ -9,7 +9,6 @@ A group the engine cannot stack runs its members one after another, with a one-l
 
 from __future__ import annotations
 
-import csv
 import itertools
 import math
 from collections.abc import Mapping
@@ -81,10 +80,9 @@ def _record(cfg: DictConfig, run_id: str, status: str, error: str = "") -> dict[
 def _objective(run_path: Path) -> float:
     """The final validation accuracy, or minus the validation loss for regression."""
     try:
-        with (run_path / results.METRICS_FILE).open(newline="") as handle:
-            last = list(csv.DictReader(handle))[-1]
+        last = results.read_last_row(run_path / results.METRICS_FILE)
         acc, loss = float(last["val_acc"] or "nan"), float(last["val_loss"] or "nan")
-    except (OSError, IndexError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError):
         return math.nan
     return acc if math.isfinite(acc) else -loss
 

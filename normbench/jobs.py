@@ -25,6 +25,8 @@ from normbench import results
 JOB_RECORD = "job.json"
 # Set by a sweep on this machine: its workers stop when it is gone (see watch_parent).
 PARENT_PID_ENV = "NORMBENCH_SWEEP_PID"
+_MEMBER_KEYS = ("lr", "seed", "stack_lr", "stack_seed")  # a run's own; a group's
+_watching = threading.Event()  # this process already watches its sweep
 
 
 def run_job(
@@ -48,8 +50,7 @@ def run_job(
 
 def _member_overrides(overrides: list[str], record: Mapping[str, object]) -> list[str]:
     """The job's overrides, with a stacked member's own lr and seed in place of the group's."""
-    kept = [o for o in overrides if o.split("=", 1)[0] not in ("lr", "seed", "stack_lr",
-                                                                 "stack_seed")]  # fmt: skip
+    kept = [o for o in overrides if o.split("=", 1)[0] not in _MEMBER_KEYS]
     return [*kept, f"lr={record['lr']}", f"seed={record['seed']}"]
 
 
@@ -71,9 +72,9 @@ def watch_parent(every: float = 1.0) -> None:
     run's checkpoint lets the next sweep resume it.
     """
     parent = os.environ.get(PARENT_PID_ENV)
-    if not parent or int(parent) == os.getpid() or getattr(watch_parent, "started", False):
+    if not parent or int(parent) == os.getpid() or _watching.is_set():
         return
-    watch_parent.started = True
+    _watching.set()
 
     def watch() -> None:
         while True:

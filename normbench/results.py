@@ -243,18 +243,16 @@ def is_complete(run_path: Path, diagnostics: bool = False) -> bool:
     return metrics.is_file() and read_status(metrics) in DONE_STATUSES
 
 
-def read_status(metrics: Path) -> str:
-    """The run's status from its metrics.csv (its last row); ``unreadable`` if there is none."""
+def read_last_row(metrics: Path) -> dict[str, str]:
+    """The last row of a metrics.csv, as text (empty when the file has no rows)."""
     with metrics.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    return (rows[-1].get("status") or "unreadable") if rows else "unreadable"
+    return rows[-1] if rows else {}
 
 
-def read_error(run_path: Path) -> str:
-    """A failed run's one-line error message."""
-    with (run_path / METRICS_FILE).open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return rows[-1].get("error", "") if rows else ""
+def read_status(metrics: Path) -> str:
+    """The run's status from its metrics.csv (its last row); ``unreadable`` if there is none."""
+    return read_last_row(metrics).get("status") or "unreadable"
 
 
 def clear_run(run_path: Path, keep: Collection[str] = ()) -> None:

@@ -28,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -42,7 +43,7 @@ from rich.table import Table
 from normbench import results
 from normbench.app import GROUPS, HydraArgs, compose_job, hydra_context, launch, parse_args
 from normbench.checks import check_run, check_setup
-from normbench.config import validate
+from normbench.config import unknown_key_message, validate
 from normbench.errors import ConfigError
 from normbench.jobs import PARENT_PID_ENV, read_job_records
 from normbench.preflight import check_results_dir, check_threads, estimate_run_bytes
@@ -165,10 +166,6 @@ def _check_cells(
 
 def _update(cfg: DictConfig, override) -> None:
     """Apply one ``key=value`` override as Hydra would, errors as one line."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    from normbench.config import unknown_key_message
-
     key = override.key_or_group
     parent = OmegaConf.select(cfg, key.rpartition(".")[0]) if "." in key else cfg
     if parent is None or key.rpartition(".")[2] not in parent:

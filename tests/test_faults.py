@@ -233,3 +233,15 @@ def test_a_group_that_cannot_stack_runs_its_members_with_a_notice(tmp_path: Path
     assert "not stacked (2 runs one after another)" in result.stderr
     assert "FilterResponseNorm" in result.stderr
     assert len(complete_runs(tmp_path)) == 2
+
+
+def test_a_diverging_member_stops_and_its_group_goes_on(tmp_path: Path) -> None:
+    args = ["sweep", "--stack", "norm=none", "lr=0.05,1000", *TINY, "epochs=2"]
+    result = CliRunner().invoke(app, [*args, f"results_dir={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    runs = {frame["lr"].iloc[-1]: frame for frame in complete_runs(tmp_path).values()}
+    assert set(runs) == {0.05, 1000}
+    exploded, kept = runs[1000], runs[0.05]
+    assert exploded["status"].iloc[-1] == "diverged" and len(exploded) == 1  # stopped at once
+    assert kept["status"].iloc[-1] in ("ok", "stalled") and len(kept) == 2
+    assert (kept["stack_size"] == 2).all()
