@@ -7,8 +7,11 @@ k's value. Activations travel in two layouts:
 - feature maps as ``(B, K*C, H, W)``: member k owns channels ``k*C:(k+1)*C``. Convs are
   grouped convs (groups=K); batch, instance and group norms see K*C channels (K*G groups), so
   each member is normalized over its own batch and channels only; max-pooling is per channel.
-- features as ``(K, B, F)``: Linear is a batched matmul; norms over the batch move to
-  ``(B, K*F)`` and back.
+- features as ``(K, F, B)``, batch innermost: Linear is a batched matmul ``W @ x``, whose
+  output and weight gradient come out contiguous; norms over the batch see ``(1, K*F, B)``,
+  a view (a batch of one with B positions: the same reduction); per-example norms (group,
+  layer) move to ``(B, K*F)`` and back. This layout is ~30% faster per step than
+  ``(K, B, F)`` on the default MLP (CPU, one thread), where every norm needed a copy.
 
 Nothing ever reduces across members, so one member's data (or its NaNs) cannot reach another.
 """
@@ -54,14 +57,14 @@ class _Stacked(nn.Module):
 
 
 def _to_channels(x: Tensor) -> Tensor:
-    """(K, B, F) -> (B, K*F)."""
-    k, b, f = x.shape
-    return x.transpose(0, 1).reshape(b, k * f)
+    """(K, F, B) -> (B, K*F)."""
+    k, f, b = x.shape
+    return x.permute(2, 0, 1).reshape(b, k * f)
 
 
 def _from_channels(y: Tensor, k: int) -> Tensor:
-    """(B, K*F) -> (K, B, F)."""
-    return y.view(y.shape[0], k, -1).transpose(0, 1)
+    """(B, K*F) -> (K, F, B)."""
+    return y.view(y.shape[0], k, -1).permute(1, 2, 0)
 
 
 def _flat(t: Tensor | None) -> Tensor | None:
@@ -72,13 +75,10 @@ class StackedLinear(_Stacked):
     def __init__(self, templates: Sequence[nn.Linear]):
         super().__init__(templates, params=("weight", "bias"))
 
-    def forward(self, x: Tensor) -> Tensor:  # (K, B, in) -> (K, B, out)
-        # As W @ x^T: the weight's gradient (grad^T @ x) then comes out contiguous in the
-        # weight's own layout, where x @ W^T would give it transposed, to be copied every step.
-        xt = x.transpose(1, 2)
+    def forward(self, x: Tensor) -> Tensor:  # (K, in, B) -> (K, out, B)
         if self.bias is None:
-            return torch.bmm(self.weight, xt).transpose(1, 2)
-        return torch.baddbmm(self.bias.unsqueeze(2), self.weight, xt).transpose(1, 2)
+            return torch.bmm(self.weight, x)
+        return torch.baddbmm(self.bias.unsqueeze(2), self.weight, x)
 
 
 class StackedConv2d(_Stacked):
@@ -95,7 +95,13 @@ class StackedConv2d(_Stacked):
 
 
 class _StackedNorm(_Stacked):
-    """A norm over K*C channels; ``spatial`` says which layout its input comes in."""
+    """A norm over K*C channels; ``spatial`` says which layout its input comes in.
+
+    ``over_batch``: it reduces over the batch (and positions) per channel, so features
+    ``(K, C, B)`` can be normalized as the view ``(1, K*C, B)``; otherwise as ``(B, K*C)``.
+    """
+
+    over_batch = False
 
     def __init__(self, templates, spatial: bool, params=(), buffers=()):
         super().__init__(templates, params, buffers)
@@ -106,6 +112,8 @@ class _StackedNorm(_Stacked):
     def forward(self, x: Tensor) -> Tensor:
         if self.spatial:
             return self.normalize(x)
+        if self.over_batch:
+            return self.normalize(x.reshape(1, -1, x.shape[2])).view(x.shape)
         return _from_channels(self.normalize(_to_channels(x)), self.K)
 
     def normalize(self, x: Tensor) -> Tensor:  # (B, K*C, ...) -> same
@@ -119,6 +127,8 @@ _BN_STATE = dict(
 
 class StackedBatchNorm(_StackedNorm):
     """nn.BatchNorm1d / nn.BatchNorm2d, as ``_BatchNorm.forward``."""
+
+    over_batch = True
 
     def __init__(self, templates, spatial: bool):
         super().__init__(templates, spatial, **_BN_STATE)
@@ -147,6 +157,8 @@ class StackedBatchNorm(_StackedNorm):
 
 class StackedReferenceBatchNorm(_StackedNorm):
     """normbench's ReferenceBatchNorm (its own autograd Function, over K*C columns)."""
+
+    over_batch = True
 
     def __init__(self, templates, spatial: bool):
         super().__init__(templates, spatial, **_BN_STATE)
@@ -183,6 +195,8 @@ class StackedReferenceBatchNorm(_StackedNorm):
 
 class StackedBatchRenorm(_StackedNorm):
     """normbench's BatchRenorm; rmax and dmax follow each member's own step count."""
+
+    over_batch = True
 
     def __init__(self, templates, spatial: bool):
         super().__init__(
@@ -269,7 +283,7 @@ class StackedInstanceNorm2d(_StackedNorm):
 
 
 class StackedLayerNorm(_Stacked):
-    """nn.LayerNorm over the last dimension of (K, B, F) features, affine per member."""
+    """nn.LayerNorm over the features of (K, F, B), affine per member."""
 
     def __init__(self, templates: Sequence[nn.LayerNorm], spatial: bool):
         super().__init__(templates, params=("weight", "bias"))
@@ -277,10 +291,10 @@ class StackedLayerNorm(_Stacked):
         self.normalized_shape, self.eps = t.normalized_shape, t.eps
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        y = F.layer_norm(x.transpose(1, 2), self.normalized_shape, None, None, self.eps)
         if self.weight is not None:
             y = torch.addcmul(self.bias.unsqueeze(1), y, self.weight.unsqueeze(1))
-        return y
+        return y.transpose(1, 2)
 
 
 class StackedDropout(nn.Module):
@@ -302,13 +316,14 @@ class StackedDropout(nn.Module):
         if self.spatial:  # (B, K*C, H, W): member k's (B, C, H, W) slice
             b, kc, *hw = x.shape
             shape = (b, kc // len(self.generators), *hw)
-            dim = 1
-        else:
-            shape, dim = x.shape[1:], 0
+        else:  # (K, F, B): member k's mask is drawn as the single run's (B, F)
+            shape = (x.shape[2], x.shape[1])
         masks = [
             x.new_empty(shape).bernoulli_(keep, generator=g).div_(keep) for g in self.generators
         ]
-        return x * torch.stack(masks, dim).reshape(x.shape)
+        if self.spatial:
+            return x * torch.stack(masks, 1).reshape(x.shape)
+        return x * torch.stack(masks).transpose(1, 2)
 
 
 _NORMS: dict[type, type] = {
@@ -399,17 +414,20 @@ class StackedNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         k, b = x.shape[:2]
         spatial = self.num_conv > 0
-        # images (K, B, C, H, W) -> maps (B, K*C, H, W); vectors -> (K, B, F)
-        x = x.transpose(0, 1).reshape(b, -1, *x.shape[3:]) if spatial else x.reshape(k, b, -1)
+        # images (K, B, C, H, W) -> maps (B, K*C, H, W); vectors -> (K, F, B)
+        if spatial:
+            x = x.transpose(0, 1).reshape(b, -1, *x.shape[3:])
+        else:
+            x = x.reshape(k, b, -1).transpose(1, 2)
         for index, block in enumerate(self.blocks):
             if index == self.num_conv and spatial:
                 x, spatial = _maps_to_features(x, k), False
             x = block(x)
         if spatial:
             x = _maps_to_features(x, k)
-        return self.head(x)
+        return self.head(x).transpose(1, 2)
 
 
 def _maps_to_features(x: Tensor, k: int) -> Tensor:
-    """(B, K*C, H, W) -> (K, B, C*H*W), each member's features in Net's flatten order."""
-    return x.reshape(x.shape[0], k, -1).transpose(0, 1)
+    """(B, K*C, H, W) -> (K, C*H*W, B), each member's features in Net's flatten order."""
+    return x.reshape(x.shape[0], k, -1).permute(1, 2, 0)
