@@ -5,12 +5,16 @@ them there) trains every lr x seed member of that setup together with the stacke
 (normbench.stacked), in chunks of at most ``stack_max_members``. Each member is written
 exactly as a run trained alone (same run id, files and columns, plus ``stack_size``).
 A group the engine cannot stack runs its members one after another, with a one-line notice.
+A stack is not checkpointed (a killed group retrains its unfinished members), so its members'
+``running`` rows are only for watching a study: they are rewritten after an epoch at most every
+``PROGRESS_SECONDS``, not after every epoch as a run trained alone does with its checkpoint.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections.abc import Mapping
 from contextlib import ExitStack, suppress
 from pathlib import Path
@@ -34,6 +38,7 @@ from normbench.preflight import OutputError, check_results_dir, estimate_run_byt
 from normbench.stacked import StackedTrainer, chunk_members, stack_unsupported
 from normbench.train import Timer
 
+PROGRESS_SECONDS = 10.0
 
 def member_configs(cfg: DictConfig) -> list[DictConfig]:
     """The runs of a job: ``cfg`` itself, or one config per lr x seed of a stacked group."""
@@ -154,6 +159,7 @@ def _train_chunk(logs: list[RunLog]) -> list[dict[str, Any]]:
 def _epochs(trainer: StackedTrainer, logs: list[RunLog]) -> list[str]:
     cfg = logs[0].cfg
     statuses = ["running"] * len(logs)
+    written = time.monotonic()
     for _ in range(cfg.epochs):
         with Timer() as timer:
             stats = trainer.train_epoch()
@@ -166,7 +172,11 @@ def _epochs(trainer: StackedTrainer, logs: list[RunLog]) -> list[str]:
             if stats[k] is not None:  # trained this epoch (a member that diverged included)
                 lr_now = trainer.lr(k)
                 log.add_epoch(stats[k], val[k], lr_now, timer.seconds, stack_size=trainer.K)
-                log.progress()
+        if time.monotonic() - written >= PROGRESS_SECONDS:
+            for k, log in enumerate(logs):
+                if stats[k] is not None:
+                    log.progress()
+            written = time.monotonic()
         trainer.scheduler_step([log.rows[-1]["val_loss"] for log in logs])
         if not trainer.active_members():
             break
