@@ -2,7 +2,8 @@
 
 A job whose config lists ``stack_lr`` and ``stack_seed`` (``normbench sweep --stack`` puts
 them there) trains every lr x seed member of that setup together with the stacked engine
-(normbench.stacked), in chunks of at most ``stack_max_members``. Each member is written
+(normbench.stacked), in chunks of at most ``stack_max_members`` runs and ``stack_max_mib`` of
+estimated memory (by default half of what the device has free). Each member is written
 exactly as a run trained alone (same run id, files and columns, plus ``stack_size``).
 A group the engine cannot stack runs its members one after another, with a one-line notice.
 A stack is not checkpointed (a killed group retrains its unfinished members), so its members'
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, open_dict
 from rich.console import Console
 
 from normbench import results
-from normbench.checks import check_run
+from normbench.checks import RunShape, check_run
 from normbench.claims import claim
 from normbench.errors import ConfigError
 from normbench.experiment import (
@@ -35,10 +36,17 @@ from normbench.experiment import (
     run_experiment,
 )
 from normbench.preflight import OutputError, check_results_dir, estimate_run_bytes
-from normbench.stacked import StackedTrainer, chunk_members, stack_unsupported
-from normbench.train import Timer
+from normbench.stacked import (
+    StackedTrainer,
+    chunk_members,
+    estimate_member_bytes,
+    memory_budget,
+    stack_unsupported,
+)
+from normbench.train import Timer, pick_device
 
 PROGRESS_SECONDS = 10.0
+
 
 def member_configs(cfg: DictConfig) -> list[DictConfig]:
     """The runs of a job: ``cfg`` itself, or one config per lr x seed of a stacked group."""
@@ -136,9 +144,21 @@ def _run_stacked(members: list[DictConfig], choices: Mapping[str, str]) -> list[
                 held.enter_context(mine)
                 todo.append(log)
         torch.set_num_threads(cfg.threads)
-        for chunk in chunk_members(todo, max_members=cfg.stack_max_members):
+        for chunk in chunk_members(todo, cfg.stack_max_members, *_memory_cap(cfg, shape)):
             records += _train_chunk(chunk)
     return records
+
+
+def _memory_cap(cfg: DictConfig, shape: RunShape) -> tuple[int | None, int]:
+    """The bytes a stack may use (``stack_max_mib``, or half the device's free memory) and
+    the estimated bytes of one member, so that a group too big to fit is split."""
+    if cfg.stack_max_mib is not None:
+        budget = int(cfg.stack_max_mib * 2**20)
+    else:
+        budget = memory_budget(pick_device(cfg.device))
+    data = shape.data
+    member = estimate_member_bytes(cfg, data.input_shape, data.num_outputs, data.train_examples)
+    return budget, member
 
 
 def _train_chunk(logs: list[RunLog]) -> list[dict[str, Any]]:

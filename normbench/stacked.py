@@ -8,7 +8,7 @@ API::
 
     reason = stack_unsupported(cfg)          # None, or why this config must run alone
     key = stack_key(cfg)                     # equal keys: stackable together (all but lr, seed)
-    for chunk in chunk_members(cfgs, max_members=16, max_bytes=2**30,
+    for chunk in chunk_members(cfgs, max_members=16, max_bytes=memory_budget(device),
                                member_bytes=estimate_member_bytes(cfgs[0], shape, outputs)):
         trainer = StackedTrainer(chunk)      # builds each member as a single run would
         for epoch in ...:
@@ -37,6 +37,7 @@ it. Its ``member_state_dict`` is the snapshot.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -63,6 +64,7 @@ Tensors = tuple[Tensor, Tensor]
 T = TypeVar("T")
 
 _BATCH_NORM_STACKS = (StackedBatchNorm, StackedReferenceBatchNorm, StackedBatchRenorm)
+EVAL_BATCH = 1024  # examples per member in each evaluation step
 
 
 def stack_unsupported(cfg: DictConfig) -> str | None:
@@ -100,8 +102,9 @@ def estimate_member_bytes(
 ) -> int:
     """A generous estimate of one member's memory in a stack, in bytes.
 
-    Parameters x (param, grad, optimizer state(s), update temporaries), plus every module's
-    output for one batch x 3 (kept for backward, its gradient, a temporary), plus
+    Parameters x (param, grad, optimizer state(s), update temporaries), plus the larger of
+    every module's output for one training batch x 3 (kept for backward, its gradient, a
+    temporary) and for one evaluation batch of ``EVAL_BATCH`` (no gradients), plus
     ``n_examples`` inputs (its data, when not shared with another member).
     """
     model = build_model(cfg.model, cfg.norm, input_shape, num_outputs)
@@ -115,15 +118,34 @@ def estimate_member_bytes(
 
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(count) for m in leaves]
+    batch = max(cfg.batch_size, 2)
     with torch.no_grad():
         model.train()
-        model(torch.zeros(max(cfg.batch_size, 2), *input_shape))
+        model(torch.zeros(batch, *input_shape))
     for handle in handles:
         handle.remove()
     states = 2 if cfg.optimizer.name == "adam" else 1
     per_example = math.prod(input_shape) + 1
-    floats = params * (3 + states) + buffers + 3 * activations + n_examples * per_example
+    peak_activations = max(3 * activations, activations * EVAL_BATCH // batch)
+    floats = params * (3 + states) + buffers + peak_activations + n_examples * per_example
     return 4 * floats
+
+
+def memory_budget(device: torch.device) -> int | None:
+    """Bytes a stack may use: half of what ``device`` has free now (None: unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    try:  # the host's memory (MPS shares it)
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // 2
+    except (ValueError, OSError):
+        return None
 
 
 def chunk_members(
@@ -374,7 +396,10 @@ class StackedTrainer:
 
     @torch.no_grad()
     def evaluate(
-        self, split: str = "val", data: Sequence[Tensors] | None = None, batch_size: int = 1024
+        self,
+        split: str = "val",
+        data: Sequence[Tensors] | None = None,
+        batch_size: int = EVAL_BATCH,
     ) -> list[tuple[float, float] | None]:
         """Mean loss and accuracy per member in eval mode, as ``train.evaluate``.
 

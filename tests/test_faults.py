@@ -226,6 +226,23 @@ def test_a_stacked_group_trains_only_its_unfinished_members(
     assert summary["skipped"] == 1 and summary["ok"] + summary["stalled"] == RUNS - 1
 
 
+def test_a_group_over_its_memory_cap_is_split(tmp_path: Path) -> None:
+    from normbench.app import compose_config
+    from normbench.datasets import describe_dataset
+    from normbench.stacked import estimate_member_bytes
+
+    settings = ["norm=batch", *TINY]
+    cfg, _ = compose_config(settings)
+    data = describe_dataset(cfg.dataset)
+    member = estimate_member_bytes(cfg, data.input_shape, data.num_outputs, data.train_examples)
+    cap = f"stack_max_mib={2.5 * member / 2**20}"  # room for two members, not three
+    args = ["sweep", "--stack", "lr=0.05,0.1,0.2", *settings, cap, f"results_dir={tmp_path}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    sizes = sorted(frame["stack_size"].iloc[-1] for frame in complete_runs(tmp_path).values())
+    assert sizes == [1, 2, 2]  # one stack of two, one of one
+
+
 def test_a_group_that_cannot_stack_runs_its_members_with_a_notice(tmp_path: Path) -> None:
     args = ["sweep", "--stack", "norm=frn", "lr=0.05,0.2", *TINY, f"results_dir={tmp_path}"]
     result = CliRunner().invoke(app, args)

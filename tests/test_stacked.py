@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from normbench.stacked import (
     StackedTrainer,
     chunk_members,
     estimate_member_bytes,
+    memory_budget,
     stack_key,
     stack_unsupported,
 )
@@ -398,5 +400,12 @@ def test_chunk_members_respects_both_caps():
     assert chunk_members([]) == []
     cfg = compose("model=convnet")
     small = estimate_member_bytes(cfg, (1, 16, 16), 10)
-    cfg.batch_size = 256
+    cfg.batch_size = 512  # training's activations (x3) now outweigh an evaluation batch's
     assert estimate_member_bytes(cfg, (1, 16, 16), 10) > small > 4 * 5000
+
+
+def test_the_memory_budget_is_what_the_host_has_free() -> None:
+    budget = memory_budget(torch.device("cpu"))
+    assert budget is not None and 2**20 < budget < os.sysconf("SC_PAGE_SIZE") * os.sysconf(
+        "SC_PHYS_PAGES"
+    )
