@@ -225,12 +225,13 @@ class StackedTrainer:
         self.train_y = torch.stack([self.data[s].train[1] for s in order]).to(self.device)
         self.data_index = torch.tensor([order.index(s) for s in seeds], device=self.device)
 
-        models = []
-        for c in cfgs:  # exactly as experiment.prepare
-            model = build_model(c.model, c.norm, first.input_shape, first.num_outputs)
-            init_paired(model, c.seed)
-            torch.manual_seed(c.seed)
-            models.append(model)
+        by_seed: dict[int, nn.Module] = {}
+        for seed in dict.fromkeys(seeds):  # exactly as experiment.prepare, once per seed
+            model = build_model(cfg.model, cfg.norm, first.input_shape, first.num_outputs)
+            init_paired(model, seed)
+            torch.manual_seed(seed)
+            by_seed[seed] = model
+        models = [by_seed[seed] for seed in seeds]  # read only: their weights are stacked
         self.template = models[0]
         self.dropout_generators = [
             torch.Generator(self.device).manual_seed(int(c.seed)) for c in cfgs
