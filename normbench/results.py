@@ -168,10 +168,10 @@ def atomic_write_csv(path: Path, rows: Iterable[Mapping[str, Any]], columns: lis
     """Write rows as CSV with pandas, atomically; ``columns`` fixes the order of known columns."""
     import pandas as pd
 
-    frame = pd.DataFrame(list(rows))
-    ordered = [c for c in columns if c in frame.columns]
-    frame = frame[ordered + [c for c in frame.columns if c not in ordered]]
-    atomic_write_text(path, frame.to_csv(index=False))
+    rows = list(rows)
+    present = dict.fromkeys(key for row in rows for key in row)
+    ordered = [c for c in columns if c in present] + [c for c in present if c not in columns]
+    atomic_write_text(path, pd.DataFrame(rows, columns=ordered).to_csv(index=False))
 
 
 def write_progress(run_path: Path, rows: Iterable[Mapping[str, Any]], columns: list[str]) -> bool:
