@@ -5,7 +5,8 @@ configs trained by normbench.stacked.StackedTrainer (one model) and by train.tra
 (15 models, as a sweep runs them one after another). Also prints the stacked group's peak
 memory: how far the resident set rose above its level before the first stacked epoch (Linux;
 the allocator reuses memory freed earlier, so a small group can show ~0), and
-stacked.estimate_member_bytes x 15 (what chunk_members budgets with).
+stacked.estimate_member_bytes x 15 plus each seed's data (what a group's chunks are budgeted
+with).
 
 Run: python bench/bench_stacked_engine.py [--repeats 3] [--train-size 2000]
 """
@@ -25,7 +26,11 @@ from normbench.app import compose_config  # noqa: E402
 from normbench.datasets import load_dataset  # noqa: E402
 from normbench.models import build_model, init_paired  # noqa: E402
 from normbench.norms import is_frozen  # noqa: E402
-from normbench.stacked import StackedTrainer, estimate_member_bytes  # noqa: E402
+from normbench.stacked import (  # noqa: E402
+    StackedTrainer,
+    estimate_data_bytes,
+    estimate_member_bytes,
+)
 from normbench.train import make_optimizer, train_one_epoch  # noqa: E402
 
 LRS = (0.003, 0.01, 0.03, 0.1, 0.3)
@@ -125,8 +130,8 @@ def main() -> None:
             t_sequential = min(t_sequential, elapsed(sequential))
         data = datasets[SEEDS[0]]
         estimate = len(cfgs) * estimate_member_bytes(
-            cfgs[0], data.input_shape, data.num_outputs, len(data.train[0])
-        )
+            cfgs[0], data.input_shape, data.num_outputs
+        ) + len(SEEDS) * estimate_data_bytes(data.input_shape, len(data.train[0]))
         mem = "n/a" if memory is None else f"{memory / 2**20:.1f} MiB"
         print(
             f"{name:32s} sequential {t_sequential:6.3f} s  stacked {t_stacked:6.3f} s  "

@@ -39,6 +39,7 @@ from normbench.preflight import OutputError, check_results_dir, estimate_run_byt
 from normbench.stacked import (
     StackedTrainer,
     chunk_members,
+    estimate_data_bytes,
     estimate_member_bytes,
     memory_budget,
     stack_unsupported,
@@ -144,21 +145,24 @@ def _run_stacked(members: list[DictConfig], choices: Mapping[str, str]) -> list[
                 held.enter_context(mine)
                 todo.append(log)
         torch.set_num_threads(cfg.threads)
-        for chunk in chunk_members(todo, cfg.stack_max_members, *_memory_cap(cfg, shape)):
+        seeds = len({log.cfg.seed for log in todo})
+        for chunk in chunk_members(todo, cfg.stack_max_members, *_memory_cap(cfg, shape, seeds)):
             records += _train_chunk(chunk)
     return records
 
 
-def _memory_cap(cfg: DictConfig, shape: RunShape) -> tuple[int | None, int]:
-    """The bytes a stack may use (``stack_max_mib``, or half the device's free memory) and
-    the estimated bytes of one member, so that a group too big to fit is split."""
+def _memory_cap(cfg: DictConfig, shape: RunShape, seeds: int) -> tuple[int | None, int]:
+    """The bytes a stack's members may use (``stack_max_mib``, or half the device's free
+    memory, less the training data of its ``seeds``) and the estimated bytes of one member,
+    so that a group too big to fit is split."""
     if cfg.stack_max_mib is not None:
-        budget = int(cfg.stack_max_mib * 2**20)
+        budget: int | None = int(cfg.stack_max_mib * 2**20)
     else:
         budget = memory_budget(pick_device(cfg.device))
     data = shape.data
-    member = estimate_member_bytes(cfg, data.input_shape, data.num_outputs, data.train_examples)
-    return budget, member
+    if budget is not None:
+        budget -= seeds * estimate_data_bytes(data.input_shape, data.train_examples)
+    return budget, estimate_member_bytes(cfg, data.input_shape, data.num_outputs)
 
 
 def _train_chunk(logs: list[RunLog]) -> list[dict[str, Any]]:

@@ -8,7 +8,8 @@ API::
 
     reason = stack_unsupported(cfg)          # None, or why this config must run alone
     key = stack_key(cfg)                     # equal keys: stackable together (all but lr, seed)
-    for chunk in chunk_members(cfgs, max_members=16, max_bytes=memory_budget(device),
+    budget = memory_budget(device) - seeds * estimate_data_bytes(shape, n_train)
+    for chunk in chunk_members(cfgs, max_members=16, max_bytes=budget,
                                member_bytes=estimate_member_bytes(cfgs[0], shape, outputs)):
         trainer = StackedTrainer(chunk)      # builds each member as a single run would
         for epoch in ...:
@@ -97,24 +98,23 @@ def stack_key(cfg: DictConfig) -> str:
     return results.setup_key(cfg)
 
 
-def estimate_member_bytes(
-    cfg: DictConfig, input_shape: Sequence[int], num_outputs: int, n_examples: int = 0
-) -> int:
-    """A generous estimate of one member's memory in a stack, in bytes.
+def estimate_member_bytes(cfg: DictConfig, input_shape: Sequence[int], num_outputs: int) -> int:
+    """A generous estimate of one member's memory in a stack, in bytes, its data aside.
 
     Parameters x (param, grad, optimizer state(s), update temporaries), plus the larger of
     every module's output for one training batch x 3 (kept for backward, its gradient, a
-    temporary) and for one evaluation batch of ``EVAL_BATCH`` (no gradients), plus
-    ``n_examples`` inputs (its data, when not shared with another member).
+    temporary) and, for one evaluation batch of ``EVAL_BATCH``, its inputs and twice the
+    largest module output (without gradients, outputs are freed as the next is computed).
     """
     model = build_model(cfg.model, cfg.norm, input_shape, num_outputs)
     params = sum(p.numel() for p in model.parameters())
     buffers = sum(b.numel() for b in model.buffers())
-    activations = 0
+    activations = largest = 0
 
     def count(_module, _inputs, output):
-        nonlocal activations
+        nonlocal activations, largest
         activations += output.numel()
+        largest = max(largest, output.numel())
 
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(count) for m in leaves]
@@ -125,10 +125,14 @@ def estimate_member_bytes(
     for handle in handles:
         handle.remove()
     states = 2 if cfg.optimizer.name == "adam" else 1
-    per_example = math.prod(input_shape) + 1
-    peak_activations = max(3 * activations, activations * EVAL_BATCH // batch)
-    floats = params * (3 + states) + buffers + peak_activations + n_examples * per_example
-    return 4 * floats
+    evaluation = EVAL_BATCH * (math.prod(input_shape) + 1 + 2 * largest // batch)
+    return 4 * (params * (3 + states) + buffers + max(3 * activations, evaluation))
+
+
+def estimate_data_bytes(input_shape: Sequence[int], n_examples: int) -> int:
+    """The bytes of ``n_examples`` float32 inputs and their targets: one seed's training data
+    on the stack's device (members of one seed share it)."""
+    return 4 * n_examples * (math.prod(input_shape) + 1)
 
 
 def memory_budget(device: torch.device) -> int | None:
@@ -416,15 +420,15 @@ class StackedTrainer:
         splits = [splits[k] for k in self.active]
         if len({len(s[0]) for s in splits}) > 1:
             raise ValueError("stacked evaluation needs every member's data of one length")
-        x = torch.stack([s[0] for s in splits]).to(self.device)
-        y = torch.stack([s[1] for s in splits]).to(self.device)
         self.net.eval()
-        k, n = y.shape[:2]
-        classify = y.dtype == torch.int64
+        k, n = len(splits), len(splits[0][0])
+        classify = splits[0][1].dtype == torch.int64
         loss_sum = torch.zeros(k, device=self.device)
         correct = torch.zeros(k, device=self.device, dtype=torch.int64)
-        for start in range(0, n, batch_size):
-            xb, yb = x[:, start : start + batch_size], y[:, start : start + batch_size]
+        for start in range(0, n, batch_size):  # stacked a batch at a time: bounded memory
+            end = start + batch_size
+            xb = torch.stack([x[start:end] for x, _ in splits]).to(self.device)
+            yb = torch.stack([y[start:end] for _, y in splits]).to(self.device)
             out = self.net(xb)
             loss_sum.add_(self.loss_fn(out, yb) * yb.shape[1])
             if classify:

@@ -229,13 +229,14 @@ def test_a_stacked_group_trains_only_its_unfinished_members(
 def test_a_group_over_its_memory_cap_is_split(tmp_path: Path) -> None:
     from normbench.app import compose_config
     from normbench.datasets import describe_dataset
-    from normbench.stacked import estimate_member_bytes
+    from normbench.stacked import estimate_data_bytes, estimate_member_bytes
 
     settings = ["norm=batch", *TINY]
     cfg, _ = compose_config(settings)
     data = describe_dataset(cfg.dataset)
-    member = estimate_member_bytes(cfg, data.input_shape, data.num_outputs, data.train_examples)
-    cap = f"stack_max_mib={2.5 * member / 2**20}"  # room for two members, not three
+    member = estimate_member_bytes(cfg, data.input_shape, data.num_outputs)
+    seed_data = estimate_data_bytes(data.input_shape, data.train_examples)  # one seed: shared
+    cap = f"stack_max_mib={(seed_data + 2.5 * member) / 2**20}"  # room for two members
     args = ["sweep", "--stack", "lr=0.05,0.1,0.2", *settings, cap, f"results_dir={tmp_path}"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
