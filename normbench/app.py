@@ -18,6 +18,7 @@ from pathlib import Path
 import hydra
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.plugins import Plugins
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
@@ -32,6 +33,23 @@ CHOICE_GROUPS = GROUPS[:-1]  # the groups whose choice names a run (experiment o
 MAX_OVERRIDE_CHARS = 1000
 
 register_configs()
+
+
+def _register_sweeper() -> None:
+    """Make ``hydra/sweeper=normbench`` known to Hydra.
+
+    Hydra's plugin scan finds hydra_plugins/normbench_sweeper in an installed wheel but not
+    in an editable install, whose finder maps the module without listing it. The scan runs
+    first: it executes every plugin module again, so one imported earlier would have its
+    classes defined twice.
+    """
+    plugins = Plugins.instance()
+    from hydra_plugins.normbench_sweeper import PlannedSweeper
+
+    plugins.register(PlannedSweeper)
+
+
+_register_sweeper()
 
 # Hydra's command-line flags (hydra/_internal/utils.py), by every spelling: the canonical name
 # and whether it takes a value ("?" for an optional one).

@@ -25,11 +25,14 @@ def test_built_wheel_carries_and_loads_the_configs(tmp_path: Path) -> None:
         for p in (ROOT / "configs").rglob("*.yaml")
     }
     assert shipped == in_repo
+    assert "hydra_plugins/normbench_sweeper/__init__.py" in names  # hydra/sweeper=normbench
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     code = (
         "import normbench, sys\n"
         "from normbench.app import compose_config\n"
-        "assert normbench.__file__.startswith(sys.argv[1]), normbench.__file__\n"
+        "import hydra_plugins.normbench_sweeper as sweeper\n"
+        "for module in (normbench, sweeper):\n"
+        "    assert module.__file__.startswith(sys.argv[1]), module.__file__\n"
         "cfg, choices = compose_config(['model=lenet', 'norm=batch_renorm'])\n"
         "print(choices['model'], cfg.norm.name)\n"
     )

@@ -79,6 +79,26 @@ def test_grid_runs_once_then_skips(tiny: list[str], results_dir: Path) -> None:
     assert complete_runs(results_dir).keys() == runs.keys()
 
 
+@pytest.mark.parametrize(("sweeper", "compositions"), [("normbench", 2), ("basic", 4)])
+def test_each_job_is_composed_once_when_launched(
+    sweeper: str, compositions: int, tiny: list[str], results_dir: Path
+) -> None:
+    """Planning checked every job, so normbench's sweeper (the default) does not compose each
+    one again before launching it, as Hydra's basic sweeper does."""
+    from unittest import mock
+
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    compose = ConfigLoaderImpl.load_sweep_config
+    with mock.patch.object(
+        ConfigLoaderImpl, "load_sweep_config", autospec=True, side_effect=compose
+    ) as spy:
+        result = sweep("lr=0.01,0.1", f"hydra/sweeper={sweeper}", *tiny)
+    assert result.exit_code == 0, result.stderr
+    assert len(complete_runs(results_dir)) == 2
+    assert spy.call_count == compositions
+
+
 def test_failed_job_does_not_stop_the_others(
     tiny: list[str], results_dir: Path, tmp_path: Path
 ) -> None:
