@@ -32,6 +32,12 @@ Overrides = Annotated[
 T = TypeVar("T")
 
 
+def _spare_imports() -> None:
+    """Take what torch and Hydra made on import, which lives as long as the process, out of
+    the garbage collector's full passes (they walk it all: ~0.2 s of a 12-run sweep)."""
+    gc.freeze()
+
+
 def _guard(action: Callable[[], T]) -> T:
     """Run ``action``; a user error becomes one line on stderr and exit code 2."""
     from normbench.errors import ConfigError
@@ -51,6 +57,8 @@ def run(overrides: Overrides = None) -> None:
     """
     from normbench.app import launch, parse_args
     from normbench.errors import ConfigError
+
+    _spare_imports()
 
     def run_one() -> None:
         if "--multirun" in parse_args(overrides or []).options:
@@ -95,6 +103,7 @@ def sweep(
     """
     from normbench.sweep import run_sweep
 
+    _spare_imports()
     failed = _guard(
         lambda: run_sweep(overrides or [], jobs=jobs, dry_run=dry_run, force=force, stack=stack)
     )
