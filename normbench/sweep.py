@@ -9,8 +9,8 @@ of the config is checked and each job checks itself.
 
 Hydra then launches the jobs with its basic sweeper (as ``hydra/sweeper=normbench``, which
 does not compose each job a second time to check it: planning did), one after another, on
-its joblib launcher
-with ``--jobs N``, or on any launcher named by override (``hydra/launcher=submitit_slurm``).
+its joblib launcher with ``--jobs N``, or on any launcher named by override
+(``hydra/launcher=submitit_slurm``).
 Each job skips itself when its results are complete and leaves a record (normbench.jobs);
 the summary is read from those records.
 """
@@ -54,7 +54,7 @@ from normbench.preflight import check_results_dir, check_threads, estimate_run_b
 _LOCAL_LAUNCHERS = ("basic", "joblib", "submitit_local")
 # Sweepers that run the grid of the overrides, expanded here: Hydra's basic one, and
 # normbench's (hydra_plugins/normbench_sweeper: the basic one, trusting this planning).
-GRID_SWEEPERS = ("normbench", "basic")
+_GRID_SWEEPERS = ("normbench", "basic")
 # elsewhere: another sweep on the same results folder was training the run (see claims)
 STATUSES = ("ok", "diverged", "stalled", "failed", "skipped", "elsewhere", "missing")
 
@@ -104,7 +104,7 @@ def plan_sweep(args: Sequence[str] | HydraArgs) -> Plan:
             base.stack,
         )
         params = [f"{k}={v}" for k, v in (base.hydra.sweeper.get("params") or {}).items()]
-        if plan.sweeper not in GRID_SWEEPERS:
+        if plan.sweeper not in _GRID_SWEEPERS:
             with open_dict(base):
                 del base["hydra"]
             shape = check_run(base)

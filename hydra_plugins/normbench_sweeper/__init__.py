@@ -5,7 +5,8 @@ on a bad override, and the launcher then composes it again to run it: two compos
 job (~85 ms each, longer than a small run trains). ``normbench sweep`` has composed and
 checked every job of the grid before launching anything (normbench.sweep.plan_sweep), so
 this sweeper leaves that check out. Everything else is the basic sweeper's. Hydra finds it
-in the ``hydra_plugins`` namespace, as it finds every sweeper plugin.
+in the ``hydra_plugins`` namespace of an installed wheel, as it finds every sweeper plugin;
+normbench.app registers it too, for editable installs, where Hydra's scan cannot see it.
 """
 
 # No ``from __future__ import annotations``: Hydra executes this module before it is in
