@@ -58,6 +58,7 @@ class Config:
     stack: bool = field(default=MISSING, metadata=_RUNTIME)
     stack_max_members: int = field(default=MISSING, metadata=_RUNTIME)  # larger groups split
     stack_max_mib: float | None = field(default=MISSING, metadata=_RUNTIME)  # None: free/2
+    stack_checkpoint_seconds: float = field(default=MISSING, metadata=_RUNTIME)
     stack_lr: list[float] = field(default=MISSING, metadata=_RUNTIME)  # a group job's members
     stack_seed: list[int] = field(default=MISSING, metadata=_RUNTIME)
 
@@ -107,6 +108,7 @@ def validate(cfg: DictConfig) -> None:
         (cfg.divergence_factor > 1, "divergence_factor must be > 1"),
         (cfg.stack_max_members >= 1, "stack_max_members must be >= 1"),
         (cfg.stack_max_mib is None or cfg.stack_max_mib > 0, "stack_max_mib must be > 0"),
+        (cfg.stack_checkpoint_seconds >= 0, "stack_checkpoint_seconds must be >= 0"),
         (all(lr > 0 for lr in cfg.stack_lr), "every stack_lr must be > 0"),
         (0 <= cfg.stall_margin < 1, f"stall_margin must be in [0, 1); got {cfg.stall_margin}"),
     ]

@@ -6,9 +6,11 @@ them there) trains every lr x seed member of that setup together with the stacke
 estimated memory (by default half of what the device has free). Each member is written
 exactly as a run trained alone (same run id, files and columns, plus ``stack_size``).
 A group the engine cannot stack runs its members one after another, with a one-line notice.
-A stack is not checkpointed (a killed group retrains its unfinished members), so its members'
-``running`` rows are only for watching a study: they are rewritten after an epoch at most every
-``PROGRESS_SECONDS``, not after every epoch as a run trained alone does with its checkpoint.
+After an epoch, at most every ``stack_checkpoint_seconds``, a stack writes its members'
+``running`` rows and its whole state to ``stack_checkpoint.pt`` in its first member's folder;
+a group killed mid-way goes on from there when the same unfinished members are stacked again,
+and ends with the numbers it would have had (a changed chunking, e.g. by the memory cap,
+starts afresh).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 from rich.console import Console
 
-from normbench import results
+from normbench import checkpoint, results
 from normbench.checks import RunShape, check_run
 from normbench.claims import claim
 from normbench.errors import ConfigError
@@ -35,7 +37,7 @@ from normbench.experiment import (
     constant_loss,
     run_experiment,
 )
-from normbench.preflight import OutputError, check_results_dir, estimate_run_bytes
+from normbench.preflight import OutputError, check_results_dir, estimate_run_bytes, writing
 from normbench.stacked import (
     StackedTrainer,
     chunk_members,
@@ -46,7 +48,7 @@ from normbench.stacked import (
 )
 from normbench.train import Timer, pick_device
 
-PROGRESS_SECONDS = 10.0
+STACK_CHECKPOINT = "stack_checkpoint.pt"
 
 
 def member_configs(cfg: DictConfig) -> list[DictConfig]:
@@ -177,14 +179,51 @@ def _train_chunk(logs: list[RunLog]) -> list[dict[str, Any]]:
         return [_record(log.cfg, log.run_id, "failed", message) for log in logs]
     for k, log in enumerate(logs):
         log.write(statuses[k], model=trainer.member_module(k))
+    (logs[0].path / STACK_CHECKPOINT).unlink(missing_ok=True)
     return [_record(log.cfg, log.run_id, statuses[k]) for k, log in enumerate(logs)]
+
+
+def _save(
+    trainer: StackedTrainer, logs: list[RunLog], statuses: list[str], epoch: int, path: Path
+) -> None:
+    """Write the members' rows so far (``running``), then the stack's state after ``epoch``."""
+    state = {
+        "format": checkpoint.FORMAT,
+        "members": [log.run_id for log in logs],
+        "epoch": epoch,
+        "statuses": statuses,
+        "trainer": trainer.state(),
+        "logs": [
+            {"rows": log.rows, "step": log.step, "first_loss": log.first_loss} for log in logs
+        ],
+    }
+    for log in logs:
+        log.progress()  # first: a checkpoint never lacks the metrics.csv showing the run started
+    with writing(path):
+        checkpoint.save_checkpoint(path, state)
+
+
+def _resume(trainer: StackedTrainer, logs: list[RunLog], path: Path) -> tuple[int, list[str]]:
+    """The epochs done and the members' statuses: from the stack's checkpoint when it was
+    saved by these same members, none of them complete since; else a fresh start."""
+    fresh = (0, ["running"] * len(logs))
+    if any(results.is_complete(log.path) for log in logs):
+        return fresh
+    state = checkpoint.load_checkpoint(path)
+    if state is None or state["members"] != [log.run_id for log in logs]:
+        return fresh
+    trainer.load_state(state["trainer"])
+    for log, saved in zip(logs, state["logs"], strict=True):
+        log.rows, log.step, log.first_loss = saved["rows"], saved["step"], saved["first_loss"]
+    return state["epoch"], list(state["statuses"])
 
 
 def _epochs(trainer: StackedTrainer, logs: list[RunLog]) -> list[str]:
     cfg = logs[0].cfg
-    statuses = ["running"] * len(logs)
-    written = time.monotonic()
-    for _ in range(cfg.epochs):
+    path = logs[0].path / STACK_CHECKPOINT
+    done, statuses = _resume(trainer, logs, path)
+    saved = time.monotonic()
+    for epoch in range(done, cfg.epochs):
         with Timer() as timer:
             stats = trainer.train_epoch()
             for k in trainer.active_members():
@@ -196,14 +235,12 @@ def _epochs(trainer: StackedTrainer, logs: list[RunLog]) -> list[str]:
             if stats[k] is not None:  # trained this epoch (a member that diverged included)
                 lr_now = trainer.lr(k)
                 log.add_epoch(stats[k], val[k], lr_now, timer.seconds, stack_size=trainer.K)
-        if time.monotonic() - written >= PROGRESS_SECONDS:
-            for k, log in enumerate(logs):
-                if stats[k] is not None:
-                    log.progress()
-            written = time.monotonic()
         trainer.scheduler_step([log.rows[-1]["val_loss"] for log in logs])
         if not trainer.active_members():
             break
+        if epoch + 1 < cfg.epochs and time.monotonic() - saved >= cfg.stack_checkpoint_seconds:
+            _save(trainer, logs, statuses, epoch + 1, path)
+            saved = time.monotonic()
     has_test = all(trainer.data[int(log.cfg.seed)].test is not None for log in logs)
     test = trainer.evaluate("test") if has_test else [None] * len(logs)
     for k, log in enumerate(logs):

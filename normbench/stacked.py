@@ -18,6 +18,7 @@ API::
                 if diverged(stats[k]): trainer.deactivate(k)
             val = trainer.evaluate("val")    # list[(loss, acc) | None]
             trainer.scheduler_step(val_losses)   # optimizer.scheduler=plateau only
+        state = trainer.state()              # to go on later: trainer.load_state(state)
         trainer.member_state_dict(k)         # the single model's keys and shapes
         trainer.member_module(k)             # a normal Net holding member k's weights
 
@@ -334,6 +335,52 @@ class StackedTrainer:
         model = build_model(c.model, c.norm, self.input_shape, self.num_outputs)
         model.load_state_dict(self.member_state_dict(k))
         return model.to(self.device)
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Everything training goes on from (tensors and plain data, for checkpoint.py)."""
+        scheduler = None
+        if self.scheduler is not None:
+            scheduler = [
+                {"state": s.state_dict(), "lr": s.optimizer.param_groups[0]["lr"]}
+                for s in self.scheduler.schedulers
+            ]
+        return {
+            "active": list(self.active),
+            "net": self.net.state_dict(),
+            "lr": self.optimizer.lr,
+            "optimizer": self.optimizer.state,
+            "steps": getattr(self.optimizer, "steps", 0),
+            "scheduler": scheduler,
+            "order": [g.get_state() for g in self.order_generators],
+            "dropout": [g.get_state() for g in self.dropout_generators],
+            "snapshots": self.snapshots,
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Go on from :meth:`state` saved by a trainer built with the same members."""
+        for k in range(self.K):
+            if k not in state["active"]:
+                self.deactivate(k)  # shapes the stack as it was; the values are loaded below
+        self.net.load_state_dict(state["net"])
+        self.optimizer.lr = state["lr"].to(self.device)
+        self.optimizer.state = [
+            {key: value.to(self.device) for key, value in s.items()} for s in state["optimizer"]
+        ]
+        if hasattr(self.optimizer, "steps"):
+            self.optimizer.steps = state["steps"]
+        if self.scheduler is not None:
+            for scheduler, saved in zip(self.scheduler.schedulers, state["scheduler"], strict=True):
+                scheduler.load_state_dict(saved["state"])
+                scheduler.optimizer.param_groups[0]["lr"] = saved["lr"]
+        for generators, saved in (
+            (self.order_generators, state["order"]),
+            (self.dropout_generators, state["dropout"]),
+        ):
+            for generator, value in zip(generators, saved, strict=True):
+                generator.set_state(value)
+        self.snapshots = dict(state["snapshots"])
 
     # -- training -------------------------------------------------------------------------
 

@@ -226,6 +226,29 @@ def test_a_stacked_group_trains_only_its_unfinished_members(
     assert summary["skipped"] == 1 and summary["ok"] + summary["stalled"] == RUNS - 1
 
 
+def test_a_killed_stack_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    args = ["sweep", "--stack", "norm=batch", "lr=0.05,0.2", *GRID[2:], "epochs=12"]
+    args += ["model.dropout=0.2", "stack_checkpoint_seconds=0"]  # dropout: its streams resume too
+    finish(cli(*args, f"results_dir={tmp_path / 'whole'}", cwd=tmp_path))
+    uninterrupted = complete_runs(tmp_path / "whole")
+    assert len(uninterrupted) == 2
+    folder = tmp_path / "r"
+    process = cli(*args, f"results_dir={folder}", cwd=tmp_path)
+    first = folder / sorted(uninterrupted)[0]  # the stack's first member holds its checkpoint
+    wait_for((first / "stack_checkpoint.pt").exists, timeout=120)
+    process.kill()
+    finish(process, 60)
+    partial = {r: pd.read_csv(folder / r / results.METRICS_FILE) for r in uninterrupted}
+    for frame in partial.values():
+        assert set(frame["status"]) == {"running"} and len(frame) < 12
+    finish(cli(*args, f"results_dir={folder}", cwd=tmp_path))
+    assert_same(complete_runs(folder), uninterrupted)
+    assert not (first / "stack_checkpoint.pt").exists()
+    for run_id, frame in partial.items():  # resumed, not retrained: epoch 1 kept its timing
+        final = pd.read_csv(folder / run_id / results.METRICS_FILE)
+        assert final["epoch_seconds"].iloc[0] == frame["epoch_seconds"].iloc[0]
+
+
 def test_a_group_over_its_memory_cap_is_split(tmp_path: Path) -> None:
     from normbench.app import compose_config
     from normbench.datasets import describe_dataset

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from normbench import norms
+from normbench import checkpoint, norms
 from normbench.app import compose_config
 from normbench.datasets import DataSplits, load_dataset
 from normbench.models import build_model, init_paired, mlp
@@ -224,6 +224,32 @@ def test_plateau_scheduler_per_member():
         assert single[4] == pytest.approx([lr[k] for lr in lrs], rel=1e-6)
         assert_member_matches(trainer, k, single, losses, stats, val, steps=len(losses))
     assert any(lr[k] < grid[k][0] for lr in lrs for k in range(3))  # some lr was cut
+
+
+def test_a_trainer_goes_on_from_its_saved_state(tmp_path):
+    """Adam, the plateau scheduler, dropout and a deactivated member: a trainer built afresh
+    and loaded from a saved state trains on exactly as the one that saved it."""
+    overrides = ("model=mlp", "model.hidden=[32,16]", "model.dropout=0.2", "optimizer=adam",
+                 "optimizer.scheduler=plateau", "optimizer.plateau_patience=0")  # fmt: skip
+    cfgs = members(*overrides)
+    trainer = StackedTrainer(cfgs)
+    trainer.train_epoch()
+    trainer.scheduler_step([float(v[0]) for v in trainer.evaluate("val")])
+    trainer.deactivate(1)
+    path = tmp_path / "stack.pt"
+    checkpoint.save_checkpoint(path, {"format": checkpoint.FORMAT, "state": trainer.state()})
+    resumed = StackedTrainer(cfgs)
+    resumed.load_state(checkpoint.load_checkpoint(path)["state"])
+    for _ in range(2):
+        assert resumed.train_epoch() == trainer.train_epoch()
+        val = trainer.evaluate("val")
+        assert resumed.evaluate("val") == val
+        losses = [v[0] if v is not None else math.nan for v in val]
+        trainer.scheduler_step(losses)
+        resumed.scheduler_step(losses)
+    for k in range(len(cfgs)):
+        for key, value in trainer.member_state_dict(k).items():
+            assert torch.equal(resumed.member_state_dict(k)[key], value), (k, key)
 
 
 # -- 2. members never mix -------------------------------------------------------------------
