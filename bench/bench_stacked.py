@@ -18,6 +18,7 @@ Run: python bench/bench_stacked.py [--quick]   (--quick: the 12-run grid only)
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -121,15 +122,13 @@ def compare_lightning(tmp: Path, rounds: int = 3) -> None:
     print(f"\n12-run default grid (4 norms x 3 lr, toy data, 5 epochs), best of {rounds} rounds")
     plain = sweep(tmp / "grid-serial", [], GRID)
     print(f"  normbench sweep          {plain['wall']:5.1f} s wall (one round)")
-    try:
-        import lightning  # noqa: F401
-    except ImportError:
-        lightning = None
+    lightning = importlib.util.find_spec("lightning") is not None
+    if not lightning:
         print("  Lightning loop: skipped (pip install -e '.[bench]')")
     stacked, walls = [], []
     for i in range(rounds):
         stacked.append(sweep(tmp / f"grid-stack-{i}", ["--stack"], GRID))
-        if lightning is not None:
+        if lightning:
             start = time.perf_counter()  # as the sweep: the whole process, start to exit
             done = subprocess.run(
                 [sys.executable, "-c", LIGHTNING_LOOP], check=True, capture_output=True, text=True

@@ -27,6 +27,7 @@ from normbench.checks import check_run
 from normbench.claims import claim
 from normbench.datasets import DataSplits, load_dataset
 from normbench.diagnostics import Recorder
+from normbench.errors import ConfigError
 from normbench.models import build_model, init_paired
 from normbench.norms import is_frozen
 from normbench.preflight import check_results_dir, estimate_run_bytes, writing
@@ -207,6 +208,8 @@ def _run_claimed(
     torch.set_num_threads(cfg.threads)  # per job: joblib's workers are reused across jobs
     try:
         setup = prepare(cfg, device)
+    except ConfigError:  # bad input (missing data files): nothing is written
+        raise
     except Exception as error:
         RunLog(cfg, choices, "").fail(error)
         raise
@@ -259,8 +262,8 @@ def _resume(setup: Setup, log: RunLog, recorder: Recorder | None) -> int:
     if results.is_complete(log.path):
         return 0
     state = checkpoint.load_checkpoint(log.path / results.CHECKPOINT_FILE)
-    if state is None:
-        return 0
+    if state is None or (recorder is not None and state["diagnostics"] is None):
+        return 0  # none, or saved without the diagnostics now asked for: start afresh
     checkpoint.restore(state, setup.model, setup.optimizer, setup.scheduler, setup.generator)
     log.rows, log.step, log.first_loss = state["rows"], state["step"], state["first_loss"]
     if recorder is not None:

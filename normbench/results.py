@@ -204,9 +204,9 @@ def write_run(
     on every row. The order: config.yaml, model.pt (``weights_writer(path)``),
     diagnostics.csv (``diagnostics_writer(path)``), error.txt (``error_trace``), each replaced
     atomically; then metrics.csv, the commit point; then the earlier attempt's leftovers this
-    one did not replace, and the checkpoint (unless named in ``keep``), are removed. A failed
-    attempt never replaces a complete result: then nothing is written and the return value
-    is False.
+    one did not replace, and the checkpoint (unless named in ``keep``, or the attempt failed),
+    are removed. A failed attempt never replaces a complete result: then nothing is written
+    and the return value is False.
     """
     if status not in FINAL_STATUSES:
         raise ValueError(f"status {status!r} is not final; choose from {FINAL_STATUSES}")
@@ -222,6 +222,8 @@ def write_run(
         atomic_write_text(run_path / ERROR_FILE, error_trace)
         written.add(ERROR_FILE)
     atomic_write_csv(run_path / METRICS_FILE, _stamped(rows, status, error), columns)
+    if status == "failed":  # a retry resumes from the checkpoint the failed attempt reached
+        written.add(CHECKPOINT_FILE)
     clear_run(run_path, keep={*written, *keep})
     return True
 

@@ -134,3 +134,17 @@ def test_plateau_scheduler_and_weight_decay_options(tiny: list[str]) -> None:
     frame = metrics(run(overrides))
     # With patience 0 the lr drops by 10x after every epoch whose val loss did not improve.
     assert set(frame["lr_now"].round(6)) <= {0.5, 0.05, 0.005, 0.0005}
+
+
+def test_asking_for_diagnostics_does_not_resume_a_checkpoint_without_them(
+    tiny: list[str],
+) -> None:
+    """A killed run's checkpoint saved without diagnostics: a rerun with diagnostics=true
+    starts afresh (diagnostics are not part of the run id) and records them all."""
+    first = run([*tiny, "epochs=2", "keep_checkpoints=true"])
+    assert (first.path / results.CHECKPOINT_FILE).exists()
+    frame = pd.read_csv(first.path / results.METRICS_FILE)
+    frame.assign(status="running").to_csv(first.path / results.METRICS_FILE, index=False)
+    again = run([*tiny, "epochs=2", "diagnostics=true", "diagnostics_every=1"])
+    assert again.run_id == first.run_id and again.resumed_from == 0
+    assert results.is_complete(again.path, diagnostics=True)
