@@ -218,6 +218,8 @@ def run_sweep(
             "launcher's own parallelism instead"
         )
     plan = plan_sweep(hydra_args)
+    if jobs > 1:
+        plan.launcher = "joblib"  # what _job_settings asks Hydra for
     if plan.launcher in _LOCAL_LAUNCHERS:
         check_threads(plan.threads, jobs)
     if plan.jobs is not None and len(distinct := distinct_runs(plan.jobs)) < len(plan.jobs):
