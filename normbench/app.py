@@ -262,7 +262,7 @@ def _yaml_message(error: yaml.YAMLError) -> str:
 
 
 def _one_line(error: BaseException) -> str:
-    message = str(error).strip().splitlines()[0]
+    message = (str(error).strip().splitlines() or [type(error).__name__])[0]
     cause = error.__cause__
     if isinstance(cause, OmegaConfBaseException):
         key = getattr(cause, "full_key", None)

@@ -48,8 +48,6 @@ from normbench.stacked import (
 )
 from normbench.train import Timer, pick_device
 
-STACK_CHECKPOINT = "stack_checkpoint.pt"
-
 
 def member_configs(cfg: DictConfig) -> list[DictConfig]:
     """The runs of a job: ``cfg`` itself, or one config per lr x seed of a stacked group."""
@@ -177,9 +175,9 @@ def _train_chunk(logs: list[RunLog]) -> list[dict[str, Any]]:
             log.fail(error)
         message = f"{type(error).__name__}: {error}"
         return [_record(log.cfg, log.run_id, "failed", message) for log in logs]
-    for k, log in enumerate(logs):
+    # the first member last: its write removes the stack's checkpoint, as any run's removes its own
+    for k, log in reversed(list(enumerate(logs))):
         log.write(statuses[k], model=trainer.member_module(k))
-    (logs[0].path / STACK_CHECKPOINT).unlink(missing_ok=True)
     return [_record(log.cfg, log.run_id, statuses[k]) for k, log in enumerate(logs)]
 
 
@@ -220,7 +218,7 @@ def _resume(trainer: StackedTrainer, logs: list[RunLog], path: Path) -> tuple[in
 
 def _epochs(trainer: StackedTrainer, logs: list[RunLog]) -> list[str]:
     cfg = logs[0].cfg
-    path = logs[0].path / STACK_CHECKPOINT
+    path = logs[0].path / results.STACK_CHECKPOINT_FILE
     done, statuses = _resume(trainer, logs, path)
     saved = time.monotonic()
     for epoch in range(done, cfg.epochs):

@@ -37,8 +37,9 @@ DIAGNOSTICS_FILE = "diagnostics.csv"
 ERROR_FILE = "error.txt"
 MODEL_FILE = "model.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
+STACK_CHECKPOINT_FILE = "stack_checkpoint.pt"  # a stacked group's, in its first member's folder
 # Files of one attempt besides metrics.csv and config.yaml; stale ones go once a new one is in.
-_ATTEMPT_FILES = (MODEL_FILE, DIAGNOSTICS_FILE, ERROR_FILE, CHECKPOINT_FILE)
+_ATTEMPT_FILES = (MODEL_FILE, DIAGNOSTICS_FILE, ERROR_FILE, CHECKPOINT_FILE, STACK_CHECKPOINT_FILE)
 
 # The first columns of metrics.csv; the flattened config (``model.hidden``, ``norm.eps``, ...)
 # follows them so that any hyperparameter can be filtered or grouped on.
@@ -223,7 +224,7 @@ def write_run(
         written.add(ERROR_FILE)
     atomic_write_csv(run_path / METRICS_FILE, _stamped(rows, status, error), columns)
     if status == "failed":  # a retry resumes from the checkpoint the failed attempt reached
-        written.add(CHECKPOINT_FILE)
+        written |= {CHECKPOINT_FILE, STACK_CHECKPOINT_FILE}
     clear_run(run_path, keep={*written, *keep})
     return True
 

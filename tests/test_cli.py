@@ -190,3 +190,14 @@ def test_a_run_that_does_not_learn_is_stalled(results_dir: Path) -> None:
     final = pd.read_csv(run_dir / results.METRICS_FILE).iloc[-1]
     assert final["status"] == "stalled" and final["val_acc"] < 0.2
     assert final["train_loss"] > 0.95 * math.log(10)
+
+
+def test_an_error_without_a_message_is_still_one_line() -> None:
+    """An interrupt can surface from Hydra as an exception with an empty message."""
+    from hydra.errors import HydraException
+
+    from normbench.app import translate_errors
+    from normbench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="^HydraException$"), translate_errors():
+        raise HydraException("")

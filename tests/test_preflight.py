@@ -57,6 +57,7 @@ def test_a_write_past_a_file_size_limit_is_one_line_and_keeps_the_old_file(tmp_p
 def test_writing_passes_other_errors_and_success_through(tmp_path: Path):
     with preflight.writing(tmp_path):
         (tmp_path / "a").write_text("a")
+    assert (tmp_path / "a").read_text() == "a"
     with pytest.raises(KeyError), preflight.writing(tmp_path):
         raise KeyError("not a write")
 

@@ -81,12 +81,13 @@ def test_a_failed_rerun_keeps_the_complete_result(tmp_path: Path):
     assert (tmp_path / results.CONFIG_FILE).read_text() == "old\n"
 
 
-def test_a_failed_attempt_keeps_the_checkpoint_a_retry_resumes_from(tmp_path: Path):
-    (tmp_path / results.CHECKPOINT_FILE).write_bytes(b"state after epoch 4")
+@pytest.mark.parametrize("name", [results.CHECKPOINT_FILE, results.STACK_CHECKPOINT_FILE])
+def test_a_failed_attempt_keeps_the_checkpoint_a_retry_resumes_from(tmp_path: Path, name: str):
+    (tmp_path / name).write_bytes(b"state after epoch 4")
     results.write_run(tmp_path, "", _rows("x", 4), COLUMNS, "failed", "OSError: stale handle")
-    assert (tmp_path / results.CHECKPOINT_FILE).read_bytes() == b"state after epoch 4"
+    assert (tmp_path / name).read_bytes() == b"state after epoch 4"
     results.write_run(tmp_path, "", _rows("x", 9), COLUMNS, "ok")  # the retry finished
-    assert not (tmp_path / results.CHECKPOINT_FILE).exists()
+    assert not (tmp_path / name).exists()
 
 
 class Killed(BaseException):

@@ -135,6 +135,10 @@ def test_failed_job_does_not_stop_the_others(
         (["batch_size=8,5000"], "exceeds the"),
         (["--dryrun", "norm=batch,none"], "unknown option '--dryrun'"),
         (["-j", "2", "hydra/launcher=submitit_local", "norm=batch,none"], "joblib"),
+        (["--stack", "norm=batch,none", "stack_max_mib=0"], "stack_max_mib must be > 0"),
+        (["--stack", "norm=batch,none", "stack_max_members=0"], "stack_max_members must be >= 1"),
+        (["--stack", "lr=0.1,1", "stack_checkpoint_seconds=-1"], "must be >= 0"),
+        (["--stack", "hydra/sweeper=optuna", "lr=interval(0.01,1.0)"], "basic sweeper's grid"),
     ],
 )
 def test_bad_input_fails_before_any_job(
