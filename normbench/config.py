@@ -165,12 +165,3 @@ def _check_finite(node: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}{key} must be a finite number; got {value}")
         if hasattr(value, "items"):
             _check_finite(value, f"{prefix}{key}.")
-
-
-def identity_keys(node: DictConfig) -> set[str]:
-    """The keys of ``node`` that are part of a run's identity (its schema says which)."""
-    schema = OmegaConf.get_type(node)
-    if not is_dataclass(schema):
-        return set(node)
-    runtime = {f.name for f in fields(schema) if not f.metadata.get("identity", True)}
-    return set(node) - runtime

@@ -24,12 +24,11 @@ import os
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from omegaconf import DictConfig, OmegaConf
-
-from normbench.config import identity_keys
 
 METRICS_FILE = "metrics.csv"
 CONFIG_FILE = "config.yaml"
@@ -91,10 +90,19 @@ def normalize_value(value: Any) -> Any:
 def flat_config(cfg: DictConfig) -> dict[str, Any]:
     """The run's identity as ``{"lr": 0.1, "norm.eps": 1e-05, ...}``.
 
-    Each node's schema says which of its keys are identity (config.identity_keys): where
+    Each node's schema says which of its keys are identity (identity_keys): where
     files are and how the run executes are left out.
     """
     return _flatten(cfg, "")
+
+
+def identity_keys(node: DictConfig) -> set[str]:
+    """The keys of ``node`` that are part of a run's identity (its schema says which)."""
+    schema = OmegaConf.get_type(node)
+    if not is_dataclass(schema):
+        return set(node)
+    runtime = {f.name for f in fields(schema) if not f.metadata.get("identity", True)}
+    return set(node) - runtime
 
 
 def _flatten(node: DictConfig, prefix: str) -> dict[str, Any]:

@@ -148,7 +148,8 @@ def _check_cells(
         structural, scalars = [], []
         for override in parser.parse_overrides(cell):
             plain = not (override.is_add() or override.is_delete() or override.is_force_add())
-            group = override.key_or_group in GROUPS or "/" in override.key_or_group
+            key = override.key_or_group
+            group = key in GROUPS or "/" in key or key.startswith("hydra.")  # Hydra checks them
             (scalars if plain and not group else structural).append(override)
         key = tuple(o.input_line for o in structural)
         if key not in composed:
@@ -258,7 +259,7 @@ def _stacked(plan: Plan, overrides: list[str]) -> tuple[list[str], int]:
             f"--stack groups the basic sweeper's grid; the {plan.sweeper} sweeper chooses its "
             "runs one at a time"
         )
-    members = {k: _distinct(plan.values.get(k, [])) for k in ("lr", "seed")}
+    members = {k: _distinct(plan, k) if k in plan.values else [] for k in ("lr", "seed")}
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("lr", "seed")]
     grouped = [
         *kept,
@@ -269,13 +270,11 @@ def _stacked(plan: Plan, overrides: list[str]) -> tuple[list[str], int]:
     return grouped, plan.cells // size
 
 
-def _distinct(overrides: list[str]) -> list[str]:
-    """The values of ``key=value`` overrides, one per number (``0.1`` and ``1e-1`` are one)."""
-    by_number = {}
-    for override in overrides:
-        value = override.split("=", 1)[1]
-        by_number.setdefault(results.normalize_value(float(value)), value)
-    return list(by_number.values())
+def _distinct(plan: Plan, key: str) -> list[str]:
+    """The planned jobs' values of ``key``, resolved (quotes, interpolations), one per number
+    (``0.1`` and ``1e-1`` are one)."""
+    values = dict.fromkeys(results.normalize_value(job.cfg[key]) for job in plan.jobs or [])
+    return [str(value) for value in values]
 
 
 @contextmanager

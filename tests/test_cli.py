@@ -36,6 +36,11 @@ def test_help_lists_commands_without_importing_torch() -> None:
         assert command in out.stdout
 
 
+def test_report_reads_results_without_importing_torch() -> None:
+    code = "import sys, normbench.report\nassert 'torch' not in sys.modules, 'torch imported'\n"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_run_writes_tidy_csv_and_config(tiny: list[str], results_dir: Path) -> None:
     result = invoke("run", *tiny)
     assert result.exit_code == 0, result.stderr

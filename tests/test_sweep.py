@@ -57,6 +57,20 @@ def test_hydra_sweep_syntax(overrides: list[str], count: int, tiny: list[str]) -
     assert not any("0000000" in job.run_id for job in plan)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["--stack", "lr='0.1',1", "seed=0,1"],  # quoted and interpolated values, resolved
+        ["--stack", "lr=${divergence_factor},0.1", "seed=0,1"],
+        ["hydra.job.chdir=false", "hydra.verbose=false", "lr=0.1,1", "seed=0,1"],
+    ],
+)
+def test_any_hydra_value_or_setting_plans(overrides: list[str], tiny: list[str]) -> None:
+    result = sweep("--dry-run", *overrides, *tiny)
+    assert result.exit_code == 0, result.output
+    assert "4 jobs" in result.stdout
+
+
 def test_cells_naming_the_same_run_count_once(tiny: list[str]) -> None:
     result = sweep("--dry-run", "lr=0.1,0.10,1e-1", "seed=0,1", *tiny)
     assert result.exit_code == 0
