@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import hydra
@@ -126,6 +127,16 @@ def parse_args(args: Sequence[str]) -> HydraArgs:
     return parsed
 
 
+@lru_cache(maxsize=4096)
+def override_key(override: str) -> str:
+    """The key (or config group) of an override, as Hydra's parser reads it: ``lr`` for
+    ``lr=0.1``, ``+lr=0.1`` and ``~lr``; ``hydra/launcher`` for ``hydra/launcher=joblib``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with translate_errors():
+        return OverridesParser.create().parse_override(override).key_or_group
+
+
 def _check_override_text(arg: str) -> None:
     if len(arg) > MAX_OVERRIDE_CHARS:
         raise ConfigError(
@@ -153,8 +164,9 @@ def hydra_context(args: HydraArgs | None = None) -> Iterator[None]:
 
 def compose_job(
     overrides: Sequence[str], args: HydraArgs | None = None, keep_hydra: bool = False
-) -> tuple[DictConfig, dict[str, str]]:
-    """The resolved config and its group choices; call inside :func:`hydra_context`.
+) -> DictConfig:
+    """The resolved config, its group choices recorded in ``choices``; call inside
+    :func:`hydra_context`.
 
     ``args`` carries ``--config-dir`` (added to the search path, as Hydra does) and
     ``--config-name``; ``keep_hydra`` keeps the ``hydra`` node.
@@ -170,17 +182,22 @@ def compose_job(
             overrides=[*search, *overrides],
             return_hydra_config=True,
         )
-    choices = {group: str(cfg.hydra.runtime.choices[group]) for group in CHOICE_GROUPS}
+    record_choices(cfg, cfg.hydra.runtime.choices)
     if not keep_hydra:
         with open_dict(cfg):
             del cfg["hydra"]
-    return cfg, choices
+    return cfg
 
 
-def compose_config(
-    overrides: Sequence[str] = (), config_dir: str | None = None
-) -> tuple[DictConfig, dict[str, str]]:
-    """The resolved config for ``overrides`` and its group choices, via the compose API."""
+def record_choices(cfg: DictConfig, choices: DictConfig) -> None:
+    """Record the option chosen in each config group (Hydra's runtime choices) in
+    ``cfg.choices``, where the run's id reads them."""
+    for group in CHOICE_GROUPS:
+        cfg.choices[group] = str(choices[group])
+
+
+def compose_config(overrides: Sequence[str] = (), config_dir: str | None = None) -> DictConfig:
+    """The resolved config for ``overrides`` (choices recorded), via the compose API."""
     args = HydraArgs(options={"--config-dir": config_dir} if config_dir else {})
     with hydra_context(args):
         return compose_job(overrides, args)
@@ -202,17 +219,17 @@ _task_errors: list[Exception] = []
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from normbench.experiment import run_experiment
+    from normbench.engine import run_experiment
     from normbench.jobs import run_job
     from normbench.summary import print_run
 
     hydra_cfg = HydraConfig.get()
-    choices = {group: str(hydra_cfg.runtime.choices[group]) for group in CHOICE_GROUPS}
+    record_choices(cfg, hydra_cfg.runtime.choices)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         overrides = list(hydra_cfg.overrides.task)
-        return run_job(cfg, choices, overrides, Path(hydra_cfg.runtime.output_dir))
+        return run_job(cfg, overrides, Path(hydra_cfg.runtime.output_dir))
     try:
-        print_run(run_experiment(cfg, choices))
+        print_run(run_experiment(cfg))
     except Exception as error:
         _task_errors.append(error)
     return None

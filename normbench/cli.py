@@ -88,13 +88,15 @@ def sweep(
         bool, typer.Option("--force", help="Rerun jobs that already have complete results.")
     ] = False,
     stack: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--stack",
-            help="Train each setup's learning rates and seeds together as one stacked model "
-            "(one job per group; also stack=true).",
+            "--stack/--no-stack",
+            help="Train each setup's learning rates and seeds together as one stacked model, "
+            "one job per group (the default; stack=true), or one job per run (--no-stack; "
+            "stack=false).",
+            show_default=False,
         ),
-    ] = False,
+    ] = None,
 ) -> None:
     """Run a grid of experiments: comma lists, range(), choice(), glob() over any key.
 

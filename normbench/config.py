@@ -26,11 +26,29 @@ from normbench.datasets import dataset_schemas
 from normbench.errors import ConfigError, choices_error
 from normbench.models import model_schemas
 from normbench.norms import check_norm, get_norm_spec, norm_names
-from normbench.preflight import check_threads
 from normbench.train import check_optimizer, optimizer_schemas
 
 _RUNTIME = {"identity": False}
 DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class Choices:
+    """The option chosen in each config group (``ioffe_mlp``, ``batch_frozen``...), recorded
+    when the config is composed: the readable part of a run's id."""
+
+    model: str = MISSING
+    norm: str = MISSING
+    dataset: str = MISSING
+    optimizer: str = MISSING
+
+
+@dataclass
+class StackMember:
+    """One run of a stacked group job: its own lr and seed (the rest is the job's)."""
+
+    lr: float = MISSING
+    seed: int = MISSING
 
 
 @dataclass
@@ -54,13 +72,13 @@ class Config:
     diagnostics_every: int = field(default=MISSING, metadata=_RUNTIME)
     skip_done: bool = field(default=MISSING, metadata=_RUNTIME)  # sweeps set it
     keep_checkpoints: bool = field(default=MISSING, metadata=_RUNTIME)  # keep checkpoint.pt
-    # Stacked sweeps: the runs of one setup that differ in lr and seed train as one model.
+    checkpoint_seconds: float = field(default=MISSING, metadata=_RUNTIME)  # 0: every epoch
+    choices: Choices = field(default_factory=Choices, metadata=_RUNTIME)
+    # Sweeps: the runs of one setup that differ in lr and seed train as one stacked model.
     stack: bool = field(default=MISSING, metadata=_RUNTIME)
     stack_max_members: int = field(default=MISSING, metadata=_RUNTIME)  # larger groups split
     stack_max_mib: float | None = field(default=MISSING, metadata=_RUNTIME)  # None: free/2
-    stack_checkpoint_seconds: float = field(default=MISSING, metadata=_RUNTIME)
-    stack_lr: list[float] = field(default=MISSING, metadata=_RUNTIME)  # a group job's members
-    stack_seed: list[int] = field(default=MISSING, metadata=_RUNTIME)
+    stack_members: list[StackMember] = field(default=MISSING, metadata=_RUNTIME)  # set by sweep
 
 
 def group_schemas() -> dict[str, dict[str, type]]:
@@ -108,8 +126,8 @@ def validate(cfg: DictConfig) -> None:
         (cfg.divergence_factor > 1, "divergence_factor must be > 1"),
         (cfg.stack_max_members >= 1, "stack_max_members must be >= 1"),
         (cfg.stack_max_mib is None or cfg.stack_max_mib > 0, "stack_max_mib must be > 0"),
-        (cfg.stack_checkpoint_seconds >= 0, "stack_checkpoint_seconds must be >= 0"),
-        (all(lr > 0 for lr in cfg.stack_lr), "every stack_lr must be > 0"),
+        (cfg.checkpoint_seconds >= 0, "checkpoint_seconds must be >= 0"),
+        (all(m.lr > 0 for m in cfg.stack_members), "every stack_members lr must be > 0"),
         (0 <= cfg.stall_margin < 1, f"stall_margin must be in [0, 1); got {cfg.stall_margin}"),
     ]
     for ok, message in checks:
@@ -117,7 +135,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(message)
     if cfg.device not in DEVICES:
         raise choices_error("device", cfg.device, DEVICES)
-    check_threads(cfg.threads)
+    if cfg.threads < 1:  # whether they fit the cores is the job's check, on its machine
+        raise ConfigError(f"threads must be at least 1, got {cfg.threads}")
     check_norm(cfg.norm)
     check_optimizer(cfg.optimizer)
 

@@ -17,29 +17,32 @@ import threading
 from collections.abc import Mapping
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
 from normbench import results
+from normbench.app import override_key
 
 JOB_RECORD = "job.json"
 # Set by a sweep on this machine: its workers stop when it is gone (see watch_parent).
 PARENT_PID_ENV = "NORMBENCH_SWEEP_PID"
-_MEMBER_KEYS = ("lr", "seed", "stack_lr", "stack_seed")  # a run's own; a group's
+_MEMBER_KEYS = ("lr", "seed", "stack_members")  # a run's own; a group's
 _watching = threading.Event()  # this process already watches its sweep
 
 
-def run_job(
-    cfg: DictConfig, choices: Mapping[str, str], overrides: list[str], output_dir: Path
-) -> float:
+def run_job(cfg: DictConfig, overrides: list[str], output_dir: Path) -> float:
     """Run (or skip) the job's runs; never raises. Returns the objective for optimizing
     sweepers: the final validation accuracy, or minus the validation loss for regression
     (nan when the run failed or diverged; the best member's for a stacked group).
+
+    Its record holds one entry per run: run_id, lr, seed, status (ok, diverged, stalled,
+    failed, skipped, elsewhere), error, objective and the run's own overrides.
     """
-    from normbench.group import run_group
+    from normbench.engine import run_group
 
     watch_parent()
-    records = run_group(cfg, choices)
+    records = [_record(outcome) for outcome in run_group(cfg)]
     for record in records:
         record["overrides"] = _member_overrides(overrides, record)
     with suppress(OSError):  # a full disk: the runs' own files say what failed to be written
@@ -48,9 +51,31 @@ def run_job(
     return max(objectives, default=math.nan)
 
 
+def _record(outcome: Any) -> dict[str, Any]:
+    done = outcome.status in results.DONE_STATUSES + ("skipped",)
+    return {
+        "run_id": outcome.run_id,
+        "lr": outcome.cfg.lr,
+        "seed": outcome.cfg.seed,
+        "status": outcome.status,
+        "error": outcome.error if outcome.status in ("failed", "elsewhere") else "",
+        "objective": _objective(outcome.path) if done else math.nan,
+    }
+
+
+def _objective(run_path: Path) -> float:
+    """The final validation accuracy, or minus the validation loss for regression."""
+    try:
+        last = results.read_last_row(run_path / results.METRICS_FILE)
+        acc, loss = float(last["val_acc"] or "nan"), float(last["val_loss"] or "nan")
+    except (OSError, KeyError, ValueError):
+        return math.nan
+    return acc if math.isfinite(acc) else -loss
+
+
 def _member_overrides(overrides: list[str], record: Mapping[str, object]) -> list[str]:
     """The job's overrides, with a stacked member's own lr and seed in place of the group's."""
-    kept = [o for o in overrides if o.split("=", 1)[0] not in _MEMBER_KEYS]
+    kept = [o for o in overrides if override_key(o) not in _MEMBER_KEYS]
     return [*kept, f"lr={record['lr']}", f"seed={record['seed']}"]
 
 

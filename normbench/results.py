@@ -7,7 +7,7 @@ Layout, one folder per run under ``results_dir``::
     <run_id>/model.pt          the final model's weights
     <run_id>/diagnostics.csv   per-layer diagnostics, when ``diagnostics=true``
     <run_id>/error.txt         the traceback of a failed run
-    <run_id>/checkpoint.pt     the state to resume an interrupted run from
+    <run_id>/checkpoint.pt     the state to resume an interrupted run (or stack) from
     <run_id>/claim.json        which process is running it (normbench.claims)
 
 Every file is written to a temporary name, fsynced and renamed into place, so a crash or an
@@ -35,10 +35,9 @@ CONFIG_FILE = "config.yaml"
 DIAGNOSTICS_FILE = "diagnostics.csv"
 ERROR_FILE = "error.txt"
 MODEL_FILE = "model.pt"
-CHECKPOINT_FILE = "checkpoint.pt"
-STACK_CHECKPOINT_FILE = "stack_checkpoint.pt"  # a stacked group's, in its first member's folder
+CHECKPOINT_FILE = "checkpoint.pt"  # a stack's state, in its first member's folder
 # Files of one attempt besides metrics.csv and config.yaml; stale ones go once a new one is in.
-_ATTEMPT_FILES = (MODEL_FILE, DIAGNOSTICS_FILE, ERROR_FILE, CHECKPOINT_FILE, STACK_CHECKPOINT_FILE)
+_ATTEMPT_FILES = (MODEL_FILE, DIAGNOSTICS_FILE, ERROR_FILE, CHECKPOINT_FILE)
 
 # The first columns of metrics.csv; the flattened config (``model.hidden``, ``norm.eps``, ...)
 # follows them so that any hyperparameter can be filtered or grouped on.
@@ -126,11 +125,13 @@ def setup_key(cfg: DictConfig) -> str:
     return json.dumps({k: v for k, v in flat.items() if k not in ("lr", "seed")}, sort_keys=True)
 
 
-def run_id(cfg: DictConfig, choices: Mapping[str, str]) -> str:
+def run_id(cfg: DictConfig) -> str:
     """A readable id derived from the resolved config: same config, same id.
 
-    ``choices`` are the config-group choices (``{"model": "mlp", "norm": "batch", ...}``).
+    Its readable part names the config-group options chosen (``cfg.choices``: ``ioffe_mlp``,
+    ``batch_frozen``...), recorded when the config was composed.
     """
+    choices = cfg.choices
     flat = flat_config(cfg)
     digest = hashlib.sha1(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:10]
     return (
@@ -232,7 +233,7 @@ def write_run(
         written.add(ERROR_FILE)
     atomic_write_csv(run_path / METRICS_FILE, _stamped(rows, status, error), columns)
     if status == "failed":  # a retry resumes from the checkpoint the failed attempt reached
-        written |= {CHECKPOINT_FILE, STACK_CHECKPOINT_FILE}
+        written.add(CHECKPOINT_FILE)
     clear_run(run_path, keep={*written, *keep})
     return True
 

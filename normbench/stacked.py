@@ -1,12 +1,13 @@
-"""Stacked sweeps (issue 9): K runs differing only in lr and seed, trained as ONE model.
+"""The stacked trainer: K >= 1 runs differing only in lr and seed, trained as ONE model.
 
-Small networks spend most of their time in per-op overhead; K members stacked into one
-network do the same number of ops per step as one run. The stacking is by hand
-(:mod:`normbench.stacked_layers`): batched matmuls, grouped convs, norms over K*C channels.
+Every run trains through it (``normbench run`` is a stack of one; see normbench.engine for
+the lifecycle around it). Small networks spend most of their time in per-op overhead; K
+members stacked into one network do the same number of ops per step as one run. The stacking
+is by hand (:mod:`normbench.stacked_layers`): batched matmuls, grouped convs, norms over K*C
+channels.
 
 API::
 
-    reason = stack_unsupported(cfg)          # None, or why this config must run alone
     key = stack_key(cfg)                     # equal keys: stackable together (all but lr, seed)
     budget = memory_budget(device) - seeds * estimate_data_bytes(shape, n_train)
     for chunk in chunk_members(cfgs, max_members=16, max_bytes=budget,
@@ -50,14 +51,12 @@ from torch import Tensor, nn
 
 from normbench import norms, results
 from normbench.datasets import DataSplits, load_dataset
-from normbench.errors import ConfigError
 from normbench.models import build_model, init_paired
 from normbench.stacked_layers import (
     StackedBatchNorm,
     StackedBatchRenorm,
     StackedNet,
     StackedReferenceBatchNorm,
-    unsupported_module,
 )
 from normbench.stacked_optim import StackedAdam, StackedPlateau, StackedSGD
 from normbench.train import EpochStats, pick_device
@@ -67,31 +66,6 @@ T = TypeVar("T")
 
 _BATCH_NORM_STACKS = (StackedBatchNorm, StackedReferenceBatchNorm, StackedBatchRenorm)
 EVAL_BATCH = 1024  # examples per member in each evaluation step
-
-
-def stack_unsupported(cfg: DictConfig) -> str | None:
-    """Why ``cfg`` cannot be trained in a stack (one line), or None when it can.
-
-    Builds the model on a stand-in input shape to check every module against what the
-    engine mirrors, so a norm added later is reported here rather than computed wrongly.
-    A config the single run rejects is reported too (the single run then says why).
-    """
-    if cfg.get("diagnostics", False):
-        return "diagnostics=true records per-layer statistics of one model; run it alone"
-    if cfg.optimizer.name not in ("sgd", "adam"):
-        return f"optimizer {cfg.optimizer.name!r} is not one the stacked engine implements"
-    scheduler = cfg.optimizer.get("scheduler")
-    if scheduler not in (None, "plateau"):
-        return f"optimizer.scheduler={scheduler!r} is not supported when stacked"
-    if "channels" in cfg.model:  # a CNN: any image the model accepts shows its modules
-        shape: tuple[int, ...] = (3, 32, 32)
-    else:
-        shape = tuple(cfg.dataset.get("shape", (64,)))
-    try:
-        model = build_model(cfg.model, cfg.norm, shape, 2)
-    except ConfigError as error:
-        return f"the config is invalid: {error}"
-    return unsupported_module(model)
 
 
 def stack_key(cfg: DictConfig) -> str:
@@ -182,9 +156,8 @@ class StackedTrainer:
     """K members (configs equal but for lr and seed) trained as one stacked model.
 
     ``datasets`` optionally maps a seed to its already loaded :class:`DataSplits`; others are
-    loaded with ``load_dataset(cfg.dataset, seed)``. Raises ConfigError as a single run would
-    (batch larger than the training split, invalid settings) and NotImplementedError for a
-    config :func:`stack_unsupported` rejects.
+    loaded with ``load_dataset(cfg.dataset, seed)``. Raises NotImplementedError for a module
+    the stacked layers do not mirror (planning rejects such a config first: checks.py).
     """
 
     def __init__(
@@ -199,9 +172,6 @@ class StackedTrainer:
         if len(keys) > 1:
             raise ValueError("stacked members must share every setting but lr and seed")
         cfg = self.cfg = cfgs[0]
-        reason = stack_unsupported(cfg)
-        if reason is not None:
-            raise NotImplementedError(f"cannot stack: {reason}")
         self.cfgs = list(cfgs)
         self.K = len(cfgs)
         self.device = pick_device(cfg.device) if device is None else torch.device(device)
@@ -220,10 +190,8 @@ class StackedTrainer:
         if len(n_train) > 1:
             raise ValueError(f"members' training splits differ in size: {sorted(n_train)}")
         self.n_train = n_train.pop()
-        if cfg.batch_size > self.n_train:
-            raise ConfigError(
-                f"batch_size {cfg.batch_size} exceeds the {self.n_train} training examples"
-            )
+        if cfg.batch_size > self.n_train:  # the engine checks the data as loaded first
+            raise ValueError(f"batch_size {cfg.batch_size} exceeds {self.n_train} examples")
         # The training data of the distinct seeds, stacked: (S, N, ...) and which is whose.
         order = list(self.data)
         self.train_x = torch.stack([self.data[s].train[0] for s in order]).to(self.device)
@@ -385,12 +353,15 @@ class StackedTrainer:
     # -- training -------------------------------------------------------------------------
 
     def train_epoch(
-        self, on_step: Callable[[int, list[float]], None] | None = None
+        self,
+        on_step: Callable[[int, list[float]], None] | None = None,
+        on_batch: Callable[[], None] | None = None,
     ) -> list[EpochStats | None]:
         """One epoch for every active member; None for inactive ones.
 
         ``on_step(step, losses)``, if given, gets each step's loss per member (nan for
-        inactive ones); it forces a sync per step.
+        inactive ones); it forces a sync per step. ``on_batch()`` is called after each step
+        without a sync (a progress bar).
         """
         if not self.active:
             return [None] * self.K
@@ -428,6 +399,8 @@ class StackedTrainer:
                 correct += (out.detach().argmax(-1) == yb).sum(1)
             if on_step is not None:
                 on_step(steps, self._spread(losses.tolist()))
+            if on_batch is not None:
+                on_batch()
         seen = max(steps * batch, 1)
         losses = (loss_sum / seen).tolist()
         firsts = first_loss.tolist()

@@ -6,7 +6,7 @@ import math
 
 from rich.console import Console
 
-from normbench.experiment import RunResult
+from normbench.engine import RunResult
 from normbench.results import METRICS_FILE
 
 

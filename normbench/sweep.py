@@ -43,7 +43,15 @@ from rich.progress import (
 from rich.table import Table
 
 from normbench import results
-from normbench.app import GROUPS, HydraArgs, compose_job, hydra_context, launch, parse_args
+from normbench.app import (
+    GROUPS,
+    HydraArgs,
+    compose_job,
+    hydra_context,
+    launch,
+    override_key,
+    parse_args,
+)
 from normbench.checks import check_run, check_setup
 from normbench.config import unknown_key_message, validate
 from normbench.errors import ConfigError
@@ -77,7 +85,7 @@ class Plan:
     launcher: str
     results_dir: Path
     threads: int
-    stack: bool  # the config asks for stacked groups (stack=true)
+    stack: bool  # the config asks for stacked groups (stack=true, the default)
     cells: int = 0  # grid cells Hydra would launch per run (repeats of one run included)
     needed_bytes: int = 0  # disk the planned runs need at most
     values: dict[str, list[str]] | None = None  # the grid: key -> its "key=value" overrides
@@ -93,7 +101,7 @@ def plan_sweep(args: Sequence[str] | HydraArgs) -> Plan:
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
         parsed = parser.parse_overrides(hydra_args.overrides)
         fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-        base, _ = compose_job(fixed, hydra_args, keep_hydra=True)
+        base = compose_job(fixed, hydra_args, keep_hydra=True)
         runtime = base.hydra.runtime.choices
         plan = Plan(
             None,
@@ -141,7 +149,7 @@ def _check_cells(
     """Compose every cell and check it: Hydra composes once per choice of config groups and
     plain ``key=value`` overrides are applied to a copy (composing each cell would take
     ~0.1 s); the data and model checks run once per distinct setup."""
-    composed: dict[tuple[str, ...], tuple[DictConfig, dict[str, str]]] = {}
+    composed: dict[tuple[str, ...], DictConfig] = {}
     checked: dict[str, int] = {}  # setup -> the disk one of its runs needs
     jobs, needed = [], 0
     for cell in cells:
@@ -154,15 +162,14 @@ def _check_cells(
         key = tuple(o.input_line for o in structural)
         if key not in composed:
             composed[key] = compose_job(list(key), hydra_args)
-        base, choices = composed[key]
-        cfg = base.copy()
+        cfg = composed[key].copy()
         for override in scalars:
             _update(cfg, override)
         validate(cfg)
         setup = results.setup_key(cfg)
         if setup not in checked:
             checked[setup] = estimate_run_bytes(check_setup(cfg).num_params, cfg.epochs)
-        run_id = results.run_id(cfg, choices)
+        run_id = results.run_id(cfg)
         path = Path(cfg.results_dir) / run_id
         done = results.is_complete(path, cfg.diagnostics)
         jobs.append(Job(cell, run_id, path, done, cfg))
@@ -197,13 +204,14 @@ def run_sweep(
     jobs: int = 1,
     dry_run: bool = False,
     force: bool = False,
-    stack: bool = False,
+    stack: bool | None = None,
     console: Console | None = None,
 ) -> int:
     """Plan, launch and summarize a sweep. Returns the number of failed or missing runs.
 
-    ``stack`` (or ``stack=true`` in the config) trains each setup's lr x seed runs as one
-    stacked model: one Hydra job per group.
+    The runs of a grid that differ only in lr and seed train as one stacked model, one Hydra
+    job per group, unless ``stack`` is False (or the config says ``stack=false``): then one
+    job per run. Sweepers that choose runs one at a time (Optuna) launch one job per run.
     """
     console = console or Console()
     hydra_args = parse_args(args)
@@ -212,7 +220,7 @@ def run_sweep(
     if hydra_args.acts:
         launch([*hydra_args.flags, *hydra_args.overrides])  # Hydra prints or reruns one job
         return 0
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in hydra_args.overrides}
+    keys = {override_key(o) for o in hydra_args.overrides}
     if jobs > 1 and "hydra/launcher" in keys:
         raise ConfigError(
             "--jobs runs jobs on the local joblib launcher; with hydra/launcher=... set that "
@@ -229,7 +237,7 @@ def run_sweep(
         )
         plan.jobs = distinct  # the repeats skip themselves: the first one ran them
     overrides, total = hydra_args.overrides, plan.cells
-    if stack or plan.stack:
+    if (plan.stack if stack is None else stack) and plan.values is not None:
         overrides, total = _stacked(plan, overrides)
     if dry_run:
         print_plan(plan, console, total)
@@ -252,21 +260,17 @@ def run_sweep(
 
 def _stacked(plan: Plan, overrides: list[str]) -> tuple[list[str], int]:
     """The overrides that make each Hydra job one group: the grid's learning rates and seeds
-    go to ``stack_lr``/``stack_seed`` (a fixed ``lr``/``seed`` replaces any sweep of them, an
-    experiment's params included). Returns them and the number of group jobs."""
-    if plan.values is None:
-        raise ConfigError(
-            f"--stack groups the basic sweeper's grid; the {plan.sweeper} sweeper chooses its "
-            "runs one at a time"
-        )
-    members = {k: _distinct(plan, k) if k in plan.values else [] for k in ("lr", "seed")}
-    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("lr", "seed")]
-    grouped = [
-        *kept,
-        *(f"{key}={values[0]}" for key, values in members.items() if values),
-        *(f"stack_{key}=[{','.join(values)}]" for key, values in members.items() if values),
-    ]
-    size = math.prod(len(plan.values.get(k, [])) or 1 for k in members)  # cells per group
+    become the job's ``stack_members``, every lr x seed pair (a fixed ``lr``/``seed`` replaces
+    any sweep of them, an experiment's params included). Returns them and the number of
+    group jobs."""
+    swept = [key for key in ("lr", "seed") if len(plan.values.get(key, [])) > 1]
+    if not swept:
+        return overrides, plan.cells
+    lrs, seeds = _distinct(plan, "lr"), _distinct(plan, "seed")
+    members = ",".join(f"{{lr:{lr},seed:{seed}}}" for lr, seed in itertools.product(lrs, seeds))
+    kept = [o for o in overrides if override_key(o) not in ("lr", "seed")]
+    grouped = [*kept, f"lr={lrs[0]}", f"seed={seeds[0]}", f"stack_members=[{members}]"]
+    size = math.prod(len(plan.values[key]) for key in swept)  # cells per group
     return grouped, plan.cells // size
 
 
@@ -300,12 +304,12 @@ def _job_settings(keys: set[str], jobs: int, force: bool, sweep_dir: Path) -> li
     ]  # _is_setting() recognizes these
     if jobs > 1:
         settings += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
-    return [s for s in settings if s.split("=", 1)[0] not in keys]
+    return [s for s in settings if override_key(s) not in keys]
 
 
 def _is_setting(override: str) -> bool:
     """Whether an override is one the sweep adds to every job (not the user's)."""
-    key = override.split("=", 1)[0]
+    key = override_key(override)
     return key in ("quiet", "skip_done") or key.startswith(("hydra.", "hydra/", "stack_"))
 
 
