@@ -4,8 +4,9 @@ Ioffe & Szegedy's MLP (3 x 100 sigmoid units) with batch norm on the digits data
 20 epochs. Timed side by side in one process, interleaved (the order rotating each round),
 best of several rounds:
 
-- baseline: the bare loop with no recorder code path: load the data, build the model, then
-  ``train_one_epoch`` (no ``on_step``) and ``evaluate`` per epoch and a final test evaluation;
+- baseline: a bare plain-model loop (tests/reference_training.py) with no recorder code path:
+  load the data, build the model, then ``train_one_epoch`` and ``evaluate`` per epoch and a
+  final test evaluation;
 - off: ``run_experiment`` with ``diagnostics=false`` (which also writes its result files);
 - on: ``run_experiment`` with ``diagnostics=true``, every 10 steps and every step.
 
@@ -17,18 +18,22 @@ cost alone. Run: python bench/bench_diagnostics.py
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from normbench.app import compose_config
 from normbench.datasets import load_dataset
-from normbench.experiment import run_experiment
+from normbench.engine import run_experiment
 from normbench.models import build_model, init_paired
-from normbench.train import evaluate, make_optimizer, train_one_epoch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.reference_training import evaluate, make_optimizer, train_one_epoch  # noqa: E402
 
 OVERRIDES = [
     "model=ioffe_mlp",
@@ -76,9 +81,9 @@ def main() -> None:
             name: compose_config([*OVERRIDES, *extra, f"results_dir={results_dir}"])
             for name, extra in variants.items()
         }
-        runs: dict[str, Callable[[], object]] = {"baseline": lambda: baseline(configs["off"][0])}
-        for name, (cfg, choices) in configs.items():
-            runs[name] = lambda cfg=cfg, choices=choices: run_experiment(cfg, choices)
+        runs: dict[str, Callable[[], object]] = {"baseline": lambda: baseline(configs["off"])}
+        for name, cfg in configs.items():
+            runs[name] = lambda cfg=cfg: run_experiment(cfg)
         best = dict.fromkeys(runs, float("inf"))
         names = list(runs)
         for round_ in range(ROUNDS + 1):  # round 0 warms up imports, data and allocator
@@ -87,7 +92,7 @@ def main() -> None:
                 seconds = cpu_seconds(runs[name])
                 if round_:
                     best[name] = min(best[name], seconds)
-        steps = run_experiment(*configs["off"]).rows[-1]["step"]
+        steps = run_experiment(configs["off"]).rows[-1]["step"]
     print(f"{' '.join(OVERRIDES[:6])}: {steps} steps; CPU seconds, best of {ROUNDS}")
     print(f"baseline (bare train_one_epoch loop): {best['baseline']:.3f} s")
     for name in variants:

@@ -101,7 +101,7 @@ composing = 0.0  # a plain loop would not compose Hydra configs: this time is no
 for norm in ("batch", "layer", "group", "none"):
     for lr in (0.01, 0.1, 1.0):
         tic = time.perf_counter()
-        cfg, _ = compose_config([f"norm={norm}", f"lr={lr}"])
+        cfg = compose_config([f"norm={norm}", f"lr={lr}"])
         composing += time.perf_counter() - tic
         data = load_dataset(cfg.dataset, cfg.seed)
         model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs)

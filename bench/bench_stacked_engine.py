@@ -31,7 +31,7 @@ from normbench.stacked import (  # noqa: E402
     estimate_data_bytes,
     estimate_member_bytes,
 )
-from normbench.train import make_optimizer, train_one_epoch  # noqa: E402
+from tests.reference_training import make_optimizer, train_one_epoch  # noqa: E402
 
 LRS = (0.003, 0.01, 0.03, 0.1, 0.3)
 SEEDS = (0, 1, 2)
@@ -45,7 +45,7 @@ CASES = {
 
 def configs(overrides: list[str], train_size: int):
     base = ["quiet=true", "device=cpu", "batch_size=32", f"dataset.train_size={train_size}"]
-    cfg = compose_config([*base, *overrides])[0]
+    cfg = compose_config([*base, *overrides])
     out = []
     for seed in SEEDS:
         for lr in LRS:

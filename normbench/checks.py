@@ -2,8 +2,10 @@
 
 ``check_run`` is what sweep planning calls for every job and what a run calls first: the
 schema (``config.validate``), the dataset's settings and files (not their contents), and the
-model built on the ``meta`` device, so shapes, group counts and norm placement are checked
-with no real weights. Bad input raises ConfigError.
+model built on the ``meta`` device, so shapes, group counts, norm placement and whether the
+stacked engine mirrors every module are checked with no real weights. Bad input raises
+ConfigError. What depends on the machine a run lands on (threads, device, the results folder,
+the data's real size) is the job's check (normbench.engine), not planning's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from normbench.datasets import DataInfo, describe_dataset
 from normbench.errors import ConfigError
 from normbench.models import build_model
 from normbench.norms import get_norm_spec, is_frozen
+from normbench.stacked_layers import unsupported_module
 
 
 @dataclass(frozen=True)
@@ -51,4 +54,7 @@ def check_setup(cfg: DictConfig) -> RunShape:
     # No forward pass: on the meta device batch norm's kernels import torch._dynamo (1.3 s).
     with torch.device("meta"):
         model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs)
+    reason = unsupported_module(model)  # every run trains as a member of a stack
+    if reason is not None:
+        raise ConfigError(f"model {cfg.model.name!r} with norm {cfg.norm.name!r}: {reason}")
     return RunShape(data, sum(p.numel() for p in model.parameters()))

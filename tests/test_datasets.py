@@ -20,7 +20,7 @@ CONFIGS = files("normbench.configs") / "dataset"
 
 @cache
 def _composed(name: str):
-    return compose_config([f"dataset={name}"])[0].dataset
+    return compose_config([f"dataset={name}"]).dataset
 
 
 def dataset_cfg(name: str = "toy", /, **overrides):

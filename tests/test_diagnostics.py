@@ -16,18 +16,18 @@ from normbench import diagnostics, results
 from normbench.app import compose_config
 from normbench.datasets import load_dataset
 from normbench.diagnostics import Recorder, eval_gap
-from normbench.experiment import run_experiment
+from normbench.engine import run_experiment
 from normbench.models import build_model, init_paired
 from normbench.report import report
 from normbench.results import PERCENTILES
-from normbench.train import make_optimizer, shuffled_batches
+from tests.reference_training import make_optimizer, shuffled_batches
 
 STEP_QUANTITIES = {"input_mean", "input_std", "grad_norm", *PERCENTILES}
 
 
 def run(overrides: list[str]):
-    cfg, choices = compose_config(overrides)
-    return cfg, run_experiment(cfg, choices)
+    cfg = compose_config(overrides)
+    return cfg, run_experiment(cfg)
 
 
 def records(result) -> pd.DataFrame:
@@ -134,7 +134,7 @@ def test_values_match_a_direct_computation(tiny: list[str]) -> None:
 
 @pytest.mark.parametrize("norm", ["batch", "batch_renorm", "reference_batch", "batch_cumulative"])
 def test_eval_gap_restores_statistics_and_modes(norm: str, tiny: list[str]) -> None:
-    cfg, _ = compose_config([*tiny, f"norm={norm}"])
+    cfg = compose_config([*tiny, f"norm={norm}"])
     model = build_model(cfg.model, cfg.norm, (20,), 3)
     x, y = torch.randn(64, 20) * 3 + 1, torch.randint(0, 3, (64,))
     model.train()
@@ -166,13 +166,13 @@ def test_eval_gap_only_with_running_statistics(tiny: list[str]) -> None:
         _, result = run([*tiny, f"norm={norm}", "diagnostics=true"])
         quantities = set(records(result)["quantity"])
         assert quantities == STEP_QUANTITIES | ({"eval_gap"} if gap else set())
-    cfg, _ = compose_config([*tiny, "norm=batch_nostats"])
+    cfg = compose_config([*tiny, "norm=batch_nostats"])
     model = build_model(cfg.model, cfg.norm, (20,), 3)
     assert eval_gap(model, nn.CrossEntropyLoss(), (torch.randn(8, 20), torch.zeros(8)), 4) is None
 
 
 def test_percentiles_of_a_large_layer_use_a_fixed_subsample(tiny: list[str]) -> None:
-    cfg, _ = compose_config([*tiny, "norm=none", "model.hidden=[1024]"])
+    cfg = compose_config([*tiny, "norm=none", "model.hidden=[1024]"])
     model = build_model(cfg.model, cfg.norm, (20,), 3).train()
     recorder = Recorder(model, "run", every=1)
     x = torch.randn(64, 20)

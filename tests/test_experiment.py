@@ -12,18 +12,18 @@ import torch
 from normbench import results
 from normbench.app import compose_config
 from normbench.catalog import group_choices
+from normbench.engine import run_experiment
 from normbench.errors import ConfigError
-from normbench.experiment import prepare, run_experiment
 from normbench.models import build_model
-from normbench.train import train_one_epoch
+from normbench.stacked import StackedTrainer
 
 NORMS = sorted(group_choices("norm"))
 MODELS = ["mlp", "lenet", "convnet"]
 
 
 def run(overrides: list[str]):
-    cfg, choices = compose_config(overrides)
-    return run_experiment(cfg, choices)
+    cfg = compose_config(overrides)
+    return run_experiment(cfg)
 
 
 def metrics(result) -> pd.DataFrame:
@@ -68,15 +68,15 @@ def test_run_id_follows_the_config(tiny: list[str]) -> None:
     ids = {run([*tiny, f"lr={lr}"]).run_id for lr in (0.1, 0.1, 0.2)}
     assert len(ids) == 2
     # How and where to run is not part of a run's identity.
-    cfg, choices = compose_config([*tiny, "device=cpu", "threads=1"])
-    assert results.run_id(cfg, choices) == run(tiny).run_id
+    cfg = compose_config([*tiny, "device=cpu", "threads=1"])
+    assert results.run_id(cfg) == run(tiny).run_id
 
 
 def test_seeds_are_paired_across_norms(tiny: list[str]) -> None:
     """Same seed: same first-layer weights with batch, layer or no norm (bias or not)."""
     first_layers = []
     for norm in ("batch", "layer", "none"):
-        cfg, _ = compose_config([*tiny, f"norm={norm}"])
+        cfg = compose_config([*tiny, f"norm={norm}"])
         model = build_model(cfg.model, cfg.norm, (1, 16, 16), 10)
         from normbench.models import init_paired
 
@@ -99,19 +99,15 @@ def test_loss_decreases_over_epochs(tiny: list[str]) -> None:
 
 
 def test_frozen_batch_norm_keeps_its_statistics_and_the_bias(tiny: list[str]) -> None:
-    cfg, _ = compose_config([*tiny, "norm=batch_frozen"])
-    setup = prepare(cfg)
-    bn = setup.model.blocks[0].norm
+    cfg = compose_config([*tiny, "norm=batch_frozen"])
+    trainer = StackedTrainer([cfg])
+    bn = trainer.net.blocks[0].norm
     before = {k: v.clone() for k, v in bn.state_dict().items()}
-    x, y = setup.data.train
-    stats = train_one_epoch(
-        setup.model, setup.optimizer, torch.nn.CrossEntropyLoss(), (x, y), 16,
-        torch.Generator().manual_seed(0), freeze_norms=True,
-    )  # fmt: skip
+    [stats] = trainer.train_epoch()
     assert stats.steps > 0 and not bn.training
     assert all(torch.equal(before[k], v) for k, v in bn.state_dict().items())
     # A frozen norm adds no learned shift: the layer before it keeps its bias.
-    assert setup.model.blocks[0].layer.bias is not None
+    assert trainer.member_module(0).blocks[0].layer.bias is not None
 
 
 def test_plateau_scheduler_and_weight_decay_options(tiny: list[str]) -> None:
@@ -125,12 +121,12 @@ def test_plateau_scheduler_and_weight_decay_options(tiny: list[str]) -> None:
         "optimizer.plateau_factor=0.1",
         "model.dropout=0.2",
     ]
-    cfg, _ = compose_config(overrides)
-    setup = prepare(cfg)
-    decay, no_decay = setup.optimizer.param_groups
-    norm_params = {id(p) for b in setup.model.blocks for p in b.norm.parameters()}
-    assert {id(p) for p in no_decay["params"]} == norm_params and no_decay["weight_decay"] == 0
-    assert decay["weight_decay"] == 0.01
+    trainer = StackedTrainer([compose_config(overrides)])
+    norm_params = {id(p) for b in trainer.net.blocks for p in b.norm.parameters()}
+    optimizer = trainer.optimizer
+    decays = {id(p): wd for p, wd in zip(optimizer.params, optimizer.weight_decays, strict=True)}
+    assert norm_params and all(decays[p] == 0 for p in norm_params)
+    assert {wd for p, wd in decays.items() if p not in norm_params} == {0.01}
     frame = metrics(run(overrides))
     # With patience 0 the lr drops by 10x after every epoch whose val loss did not improve.
     assert set(frame["lr_now"].round(6)) <= {0.5, 0.05, 0.005, 0.0005}

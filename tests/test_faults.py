@@ -23,6 +23,7 @@ from normbench.cli import app
 from tests.conftest import TINY, cli
 
 GRID = ["norm=batch,none", "lr=0.05,0.2", "seed=1", "epochs=3", "batch_size=8", *TINY[1:]]
+GRID += ["checkpoint_seconds=0"]  # a checkpoint after every epoch: something to resume from
 RUNS = 4
 TIMINGS = ["epoch_seconds"]
 
@@ -50,7 +51,7 @@ def wait_for(predicate, timeout: float = 120) -> None:
 
 @pytest.fixture(scope="module")
 def reference_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The grid swept once, uninterrupted, one run after another."""
+    """The grid swept once, uninterrupted: two stacks (one per norm) of two learning rates."""
     root = tmp_path_factory.mktemp("reference")
     out, err = finish(cli("sweep", *GRID, f"results_dir={root / 'r'}", cwd=root))
     assert len(complete_runs(root / "r")) == RUNS, err
@@ -192,18 +193,21 @@ def test_a_stacked_sweep_writes_the_runs_a_per_run_sweep_writes(
     reference: dict[str, pd.DataFrame], tmp_path: Path
 ) -> None:
     folder = tmp_path / "r"
-    dry = CliRunner().invoke(app, ["sweep", "--stack", "--dry-run", *GRID])
-    assert "4 jobs in 2 stacked group jobs" in dry.stdout
-    result = CliRunner().invoke(app, ["sweep", "--stack", *GRID, f"results_dir={folder}"])
+    dry = CliRunner().invoke(app, ["sweep", "--dry-run", *GRID])
+    assert "4 jobs in 2 stacked group jobs" in dry.stdout  # stacked by default
+    dry = CliRunner().invoke(app, ["sweep", "--no-stack", "--dry-run", *GRID])
+    assert "4 jobs on the basic launcher" in dry.stdout
+    result = CliRunner().invoke(app, ["sweep", "--no-stack", *GRID, f"results_dir={folder}"])
     assert result.exit_code == 0, result.output
     runs = complete_runs(folder)
     assert runs.keys() == reference.keys()  # same run ids, one folder per run
-    for run_id, frame in reference.items():
-        stacked = runs[run_id]
+    for run_id, stacked in reference.items():
+        alone = runs[run_id]
         assert (stacked["stack_size"] == 2).all()  # lr 0.05 and 0.2 of one norm, together
-        assert list(stacked.columns) == list(frame.columns)
+        assert (alone["stack_size"] == 1).all()
+        assert list(stacked.columns) == list(alone.columns)
         numeric = ["train_loss", "val_loss", "val_acc", "grad_norm", "test_loss", "test_acc"]
-        pd.testing.assert_frame_equal(stacked[numeric], frame[numeric], rtol=1e-4)
+        pd.testing.assert_frame_equal(alone[numeric], stacked[numeric], rtol=1e-4)
 
 
 def test_a_stacked_group_trains_only_its_unfinished_members(
@@ -228,14 +232,14 @@ def test_a_stacked_group_trains_only_its_unfinished_members(
 
 def test_a_killed_stack_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     args = ["sweep", "--stack", "norm=batch", "lr=0.05,0.2", *GRID[2:], "epochs=12"]
-    args += ["model.dropout=0.2", "stack_checkpoint_seconds=0"]  # dropout: its streams resume too
+    args += ["model.dropout=0.2", "checkpoint_seconds=0"]  # dropout: its streams resume too
     finish(cli(*args, f"results_dir={tmp_path / 'whole'}", cwd=tmp_path))
     uninterrupted = complete_runs(tmp_path / "whole")
     assert len(uninterrupted) == 2
     folder = tmp_path / "r"
     process = cli(*args, f"results_dir={folder}", cwd=tmp_path)
     first = folder / sorted(uninterrupted)[0]  # the stack's first member holds its checkpoint
-    wait_for((first / "stack_checkpoint.pt").exists, timeout=120)
+    wait_for((first / "checkpoint.pt").exists, timeout=120)
     process.kill()
     finish(process, 60)
     partial = {r: pd.read_csv(folder / r / results.METRICS_FILE) for r in uninterrupted}
@@ -243,7 +247,7 @@ def test_a_killed_stack_resumes_from_its_checkpoint(tmp_path: Path) -> None:
         assert set(frame["status"]) == {"running"} and len(frame) < 12
     finish(cli(*args, f"results_dir={folder}", cwd=tmp_path))
     assert_same(complete_runs(folder), uninterrupted)
-    assert not (first / "stack_checkpoint.pt").exists()
+    assert not (first / "checkpoint.pt").exists()
     for run_id, frame in partial.items():  # resumed, not retrained: epoch 1 kept its timing
         final = pd.read_csv(folder / run_id / results.METRICS_FILE)
         assert final["epoch_seconds"].iloc[0] == frame["epoch_seconds"].iloc[0]
@@ -255,7 +259,7 @@ def test_a_group_over_its_memory_cap_is_split(tmp_path: Path) -> None:
     from normbench.stacked import estimate_data_bytes, estimate_member_bytes
 
     settings = ["norm=batch", *TINY]
-    cfg, _ = compose_config(settings)
+    cfg = compose_config(settings)
     data = describe_dataset(cfg.dataset)
     member = estimate_member_bytes(cfg, data.input_shape, data.num_outputs)
     seed_data = estimate_data_bytes(data.input_shape, data.train_examples)  # one seed: shared

@@ -29,7 +29,7 @@ def seed():
 
 @cache
 def _composed(name: str):
-    return compose_config([f"norm={name}"])[0].norm
+    return compose_config([f"norm={name}"]).norm
 
 
 def norm_cfg(name: str, **overrides):

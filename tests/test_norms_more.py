@@ -15,8 +15,8 @@ from torch.autograd import gradcheck
 from normbench import norms
 from normbench.app import compose_config
 from normbench.checks import check_run
+from normbench.engine import run_experiment
 from normbench.errors import ConfigError
-from normbench.experiment import run_experiment
 from normbench.frn import FilterResponseNorm
 from normbench.ghost_batchnorm import GhostBatchNorm
 from normbench.models import build_model, init_paired
@@ -33,7 +33,7 @@ def seed():
 
 
 def model(overrides: list[str], shape=(1, 16, 16)) -> nn.Module:
-    cfg, _ = compose_config(overrides)
+    cfg = compose_config(overrides)
     net = build_model(cfg.model, cfg.norm, shape, 10)
     init_paired(net, seed=0)
     return net
@@ -179,11 +179,11 @@ def test_ghost_batch_normalizes_each_virtual_batch_and_averages_running_stats_pe
 
 
 def test_ghost_batch_size_that_v_does_not_divide_is_one_line_at_planning(tmp_path: Path):
-    cfg, _ = compose_config(["norm=ghost_batch", "norm.virtual_batch_size=3", "batch_size=32"])
+    cfg = compose_config(["norm=ghost_batch", "norm.virtual_batch_size=3", "batch_size=32"])
     with pytest.raises(ConfigError, match=r"^norm.virtual_batch_size=3 does not divide "
                        r"batch_size=32; choose a divisor of 32: 2, 4, 8, 16, 32$"):  # fmt: skip
         check_run(cfg)
-    cfg, _ = compose_config(["norm=ghost_batch", "norm.virtual_batch_size=1"])
+    cfg = compose_config(["norm=ghost_batch", "norm.virtual_batch_size=1"])
     with pytest.raises(ConfigError, match="at least 2"):
         check_run(cfg)
     assert norms.is_batch_norm(ghost(True, 4))  # frozen, hooked and reported as a batch norm
@@ -204,8 +204,8 @@ def test_new_norms_run_end_to_end(model_name: str, norm: str, tmp_path: Path):
     overrides = [*TINY, f"model={model_name}", f"norm={norm}", f"results_dir={tmp_path}"]
     if model_name == "mlp":
         overrides.append("model.hidden=[32,16]")
-    cfg, choices = compose_config(overrides)
-    result = run_experiment(cfg, choices)
+    cfg = compose_config(overrides)
+    result = run_experiment(cfg)
     assert result.status in ("ok", "stalled")
     row = result.rows[-1]
     assert 0 <= row["val_acc"] <= 1 and row["grad_norm"] > 0

@@ -33,8 +33,8 @@ def test_built_wheel_carries_and_loads_the_configs(tmp_path: Path) -> None:
         "import hydra_plugins.normbench_sweeper as sweeper\n"
         "for module in (normbench, sweeper):\n"
         "    assert module.__file__.startswith(sys.argv[1]), module.__file__\n"
-        "cfg, choices = compose_config(['model=lenet', 'norm=batch_renorm'])\n"
-        "print(choices['model'], cfg.norm.name)\n"
+        "cfg = compose_config(['model=lenet', 'norm=batch_renorm'])\n"
+        "print(cfg.choices.model, cfg.norm.name)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     out = subprocess.run(

@@ -38,7 +38,7 @@ from normbench.results import (
     flat_config,
 )
 
-CONFIG = {k: v for k, v in flat_config(compose_config()[0]).items() if k not in KEY_COLUMNS}
+CONFIG = {k: v for k, v in flat_config(compose_config()).items() if k not in KEY_COLUMNS}
 COLUMNS = [*KEY_COLUMNS, *METRIC_COLUMNS, *CONFIG]
 EPOCHS = 3
 

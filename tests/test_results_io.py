@@ -81,8 +81,8 @@ def test_a_failed_rerun_keeps_the_complete_result(tmp_path: Path):
     assert (tmp_path / results.CONFIG_FILE).read_text() == "old\n"
 
 
-@pytest.mark.parametrize("name", [results.CHECKPOINT_FILE, results.STACK_CHECKPOINT_FILE])
-def test_a_failed_attempt_keeps_the_checkpoint_a_retry_resumes_from(tmp_path: Path, name: str):
+def test_a_failed_attempt_keeps_the_checkpoint_a_retry_resumes_from(tmp_path: Path):
+    name = results.CHECKPOINT_FILE
     (tmp_path / name).write_bytes(b"state after epoch 4")
     results.write_run(tmp_path, "", _rows("x", 4), COLUMNS, "failed", "OSError: stale handle")
     assert (tmp_path / name).read_bytes() == b"state after epoch 4"

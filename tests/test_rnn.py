@@ -12,8 +12,8 @@ from torch import nn
 from normbench.app import compose_config
 from normbench.checks import check_run
 from normbench.datasets import load_dataset
+from normbench.engine import run_experiment
 from normbench.errors import ConfigError
-from normbench.experiment import run_experiment
 from normbench.models import build_model, init_paired
 from normbench.recurrent import as_sequence
 
@@ -26,7 +26,7 @@ def seed():
 
 
 def rnn(norm: str, cell: str = "rnn", shape=(T, F_)) -> nn.Module:
-    cfg, _ = compose_config(["model=rnn", f"norm={norm}", f"model.cell={cell}",
+    cfg = compose_config(["model=rnn", f"norm={norm}", f"model.cell={cell}",
                              f"model.hidden_size={H}"])  # fmt: skip
     return build_model(cfg.model, cfg.norm, shape, 3).double()
 
@@ -149,7 +149,7 @@ def test_init_paired_seeds_the_cell():
     ],
 )
 def test_model_and_data_mismatches_are_one_line_at_planning(overrides, message):
-    cfg, _ = compose_config(overrides)
+    cfg = compose_config(overrides)
     with pytest.raises(ConfigError, match=message) as error:
         check_run(cfg)
     assert "\n" not in str(error.value)
@@ -158,7 +158,7 @@ def test_model_and_data_mismatches_are_one_line_at_planning(overrides, message):
 def test_toy_sequence_needs_memory():
     """The class shows at the first step only: the nearest class cue scores well at step 0
     and at chance at the last step."""
-    cfg, _ = compose_config(["dataset=toy_sequence"])
+    cfg = compose_config(["dataset=toy_sequence"])
     data = load_dataset(cfg.dataset, seed=0)
     x, y = data.train
     assert data.input_shape == (12, 8) and x.shape[1:] == (12, 8)
@@ -185,8 +185,8 @@ def test_toy_sequence_needs_memory():
 )
 def test_rnn_runs_end_to_end(overrides: list[str], tmp_path: Path):
     tiny = ["epochs=1", "quiet=true", "dataset.limit=240", "stall_margin=0.0", "batch_size=16"]
-    cfg, choices = compose_config(["model=rnn", *tiny, *overrides, f"results_dir={tmp_path}"])
-    result = run_experiment(cfg, choices)
+    cfg = compose_config(["model=rnn", *tiny, *overrides, f"results_dir={tmp_path}"])
+    result = run_experiment(cfg)
     assert result.status in ("ok", "stalled")
     row = result.rows[-1]
     assert 0 <= row["val_acc"] <= 1 and math.isfinite(row["test_loss"]) and row["grad_norm"] > 0

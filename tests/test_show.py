@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from normbench import results
 from normbench.app import compose_config
 from normbench.cli import app
+from normbench.engine import run_experiment
 from normbench.errors import ConfigError
-from normbench.experiment import run_experiment
 from normbench.show import draw, load_run
 
 runner = CliRunner()
@@ -20,8 +20,8 @@ runner = CliRunner()
 
 def finished_run(overrides: list[str]) -> tuple[Path, str]:
     """Run a tiny experiment; it writes its final weights (model.pt) itself."""
-    cfg, choices = compose_config(overrides)
-    result = run_experiment(cfg, choices)
+    cfg = compose_config(overrides)
+    result = run_experiment(cfg)
     assert result.status in results.DONE_STATUSES
     assert (result.path / results.MODEL_FILE).is_file()
     return result.path.parent, result.run_id

@@ -27,7 +27,7 @@ from normbench.stacked import (
     stack_unsupported,
 )
 from normbench.stacked_layers import unsupported_module
-from normbench.train import evaluate, make_optimizer, make_scheduler, train_one_epoch
+from tests.reference_training import evaluate, make_optimizer, make_scheduler, train_one_epoch
 
 SMALL = [
     "epochs=1",
@@ -78,7 +78,7 @@ _COMPOSED: dict[tuple[str, ...], object] = {}
 def compose(*overrides: str):
     key = tuple(overrides)
     if key not in _COMPOSED:
-        _COMPOSED[key] = compose_config([*SMALL, *overrides])[0]
+        _COMPOSED[key] = compose_config([*SMALL, *overrides])
     return copy.deepcopy(_COMPOSED[key])
 
 
