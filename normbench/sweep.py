@@ -365,8 +365,8 @@ def print_summary(plan: Plan, records: list[dict], console: Console) -> int:
         console.print(f"{counts['elsewhere']} runs were being trained by another sweep.")
     if counts["missing"]:
         console.print("Rerun the same command to finish the missing jobs.")
-    folders = {row["run_id"] for row in rows}
-    size = sum(disk_use(plan.results_dir / run_id) for run_id in folders)
+    folders = [p for p in {plan.results_dir / row["run_id"] for row in rows} if p.is_dir()]
+    size = sum(disk_use(folder) for folder in folders)
     console.print(f"disk: {size / 2**20:.1f} MiB in {len(folders)} run folders")
     return counts["failed"] + counts["missing"]
 

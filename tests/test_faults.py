@@ -131,13 +131,18 @@ def test_a_full_disk_says_what_and_where(tmp_path: Path) -> None:
     def limit() -> None:  # a 20 KiB file-size limit: small files fit, a checkpoint does not
         resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 1024, 20 * 1024))
 
-    args = ["sweep", "norm=batch,none", *TINY[1:], "epochs=2"]
-    process = cli(*args, f"results_dir={tmp_path / 'r'}", cwd=tmp_path, preexec_fn=limit)
-    out, err = finish(process)
-    assert process.returncode == 1
-    assert "Traceback" not in out + err
-    assert out.count("File too large") == 2 and "cannot write" in out
-    assert not complete_runs(tmp_path / "r")
+    grid = ["norm=batch,none", "lr=0.05,0.2", *TINY[1:], "epochs=2", "checkpoint_seconds=0"]
+    for stack in ("--stack", "--no-stack"):  # a stacked group's write fails per member too
+        folder = tmp_path / stack
+        args = ["sweep", stack, *grid, f"results_dir={folder}"]
+        process = cli(*args, cwd=tmp_path, preexec_fn=limit)
+        out, err = finish(process)
+        assert process.returncode == 1
+        assert "Traceback" not in out + err
+        assert out.count("File too large") == 4 and out.count("cannot write") == 4, out
+        assert not complete_runs(folder)
+        folders = sum(1 for p in folder.iterdir() if not p.name.startswith("."))
+        assert f"in {folders} run folders" in out
 
 
 @pytest.mark.parametrize("command", ["run", "sweep"])
