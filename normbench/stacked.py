@@ -2,7 +2,8 @@
 
 Small networks spend most of their time in per-op overhead; K members stacked into one
 network do the same number of ops per step as one run. The stacking is by hand
-(:mod:`normbench.stacked_layers`): batched matmuls, grouped convs, norms over K*C channels.
+(:mod:`normbench.stacked_layers`): batched matmuls, grouped convs, norms over K*C channels;
+:mod:`normbench.stacked_recurrent` for model=rnn.
 
 API::
 
@@ -20,7 +21,7 @@ API::
             trainer.scheduler_step(val_losses)   # optimizer.scheduler=plateau only
         state = trainer.state()              # to go on later: trainer.load_state(state)
         trainer.member_state_dict(k)         # the single model's keys and shapes
-        trainer.member_module(k)             # a normal Net holding member k's weights
+        trainer.member_module(k)             # a plain Net or RecurrentNet: member k's weights
 
 Each member: its model is ``build_model`` + ``init_paired(model, seed)`` +
 ``torch.manual_seed(seed)`` exactly as ``experiment.prepare``; its own data
@@ -52,6 +53,7 @@ from normbench import norms, results
 from normbench.datasets import DataSplits, load_dataset
 from normbench.errors import ConfigError
 from normbench.models import build_model, init_paired
+from normbench.recurrent import RecurrentNet
 from normbench.stacked_layers import (
     StackedBatchNorm,
     StackedBatchRenorm,
@@ -60,6 +62,7 @@ from normbench.stacked_layers import (
     unsupported_module,
 )
 from normbench.stacked_optim import StackedAdam, StackedPlateau, StackedSGD
+from normbench.stacked_recurrent import StackedRecurrentNet, unsupported_recurrent
 from normbench.train import EpochStats, pick_device
 
 Tensors = tuple[Tensor, Tensor]
@@ -85,13 +88,24 @@ def stack_unsupported(cfg: DictConfig) -> str | None:
         return f"optimizer.scheduler={scheduler!r} is not supported when stacked"
     if "channels" in cfg.model:  # a CNN: any image the model accepts shows its modules
         shape: tuple[int, ...] = (3, 32, 32)
+    elif cfg.model.get("name") == "rnn":  # any sequence: its steps only repeat the norms
+        shape = (2, 8)
     else:
         shape = tuple(cfg.dataset.get("shape", (64,)))
     try:
         model = build_model(cfg.model, cfg.norm, shape, 2)
     except ConfigError as error:
         return f"the config is invalid: {error}"
+    if isinstance(model, RecurrentNet):
+        return unsupported_recurrent(model)
     return unsupported_module(model)
+
+
+def stack_model(models: Sequence[nn.Module], generators: list[torch.Generator]) -> nn.Module:
+    """The stacked network of ``models`` (one architecture): (K, B, *input) -> (K, B, out)."""
+    if isinstance(models[0], RecurrentNet):
+        return StackedRecurrentNet(models, generators)
+    return StackedNet(models, generators)
 
 
 def stack_key(cfg: DictConfig) -> str:
@@ -112,10 +126,13 @@ def estimate_member_bytes(cfg: DictConfig, input_shape: Sequence[int], num_outpu
     buffers = sum(b.numel() for b in model.buffers())
     activations = largest = 0
 
-    def count(_module, _inputs, output):
+    def count(module, inputs, output):
         nonlocal activations, largest
-        activations += output.numel()
-        largest = max(largest, output.numel())
+        size = sum(o.numel() for o in (output if isinstance(output, tuple) else (output,)))
+        if isinstance(module, nn.RNNCellBase):  # its gates, called once per time step
+            size += len(inputs[0]) * module.weight_ih.shape[0]
+        activations += size
+        largest = max(largest, size)
 
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(count) for m in leaves]
@@ -242,7 +259,7 @@ class StackedTrainer:
             torch.Generator(self.device).manual_seed(int(c.seed)) for c in cfgs
         ]
         self.order_generators = [torch.Generator().manual_seed(int(c.seed)) for c in cfgs]
-        self.net = StackedNet(models, self.dropout_generators).to(self.device)
+        self.net = stack_model(models, self.dropout_generators).to(self.device)
         self.freeze = bool(cfg.norm.get("freeze", False))
         if self.freeze:
             for module in self._frozen_norms():
