@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from normbench import norms
+from normbench import checkpoint, norms
 from normbench.app import compose_config
 from normbench.datasets import DataSplits, load_dataset
 from normbench.models import build_model
@@ -210,6 +210,24 @@ def test_diverging_member_stops_and_others_go_on(cell, norm, data):
             assert close(stats[epoch][k].grad_norm, stats_alone[epoch][j].grad_norm, 1e-5)
         assert close(val[k][0], val_alone[j][0], 1e-5)
         assert close(val[k][0], single_run(cfgs[k], epochs=2)[2][-1][0], 1e-3)
+
+
+def test_a_trainer_goes_on_from_its_saved_state(tmp_path):
+    """Adam and a deactivated member: a trainer built afresh and loaded from a saved state
+    trains on exactly as the one that saved it (per-step norms' running statistics too)."""
+    cfgs = members("model.cell=lstm", "norm=batch_per_step", "optimizer=adam", "batch_size=32")
+    trainer = StackedTrainer(cfgs)
+    trainer.train_epoch()
+    trainer.deactivate(1)
+    path = tmp_path / "stack.pt"
+    checkpoint.save_checkpoint(path, {"format": checkpoint.FORMAT, "state": trainer.state()})
+    resumed = StackedTrainer(cfgs)
+    resumed.load_state(checkpoint.load_checkpoint(path)["state"])
+    assert resumed.train_epoch() == trainer.train_epoch()
+    assert resumed.evaluate("val") == trainer.evaluate("val")
+    for k in range(len(cfgs)):
+        for key, value in trainer.member_state_dict(k).items():
+            assert torch.equal(resumed.member_state_dict(k)[key], value), (k, key)
 
 
 # -- 4. members as single models, their memory, what cannot be stacked -----------------------
