@@ -35,11 +35,14 @@ from tests.reference_training import make_optimizer, train_one_epoch  # noqa: E4
 
 LRS = (0.003, 0.01, 0.03, 0.1, 0.3)
 SEEDS = (0, 1, 2)
+_SEQUENCES = "dataset=toy_sequence"  # 12 steps of 8 features
 CASES = {
     "mlp 256-256-128-10 BN (default)": ["model=mlp", "norm=batch"],
     "mlp 64-100-100-10 BN": ["model=mlp", "model.hidden=[100,100]", "dataset.shape=[64]"],
     "convnet 16-32 BN (1x16x16)": ["model=convnet", "norm=batch"],
     "convnet 16-32 group (1x16x16)": ["model=convnet", "norm=group"],
+    "rnn 64 BN per step (toy_sequence)": ["model=rnn", "norm=batch_per_step", _SEQUENCES],
+    "lstm 64 layer (toy_sequence)": ["model=rnn", "model.cell=lstm", "norm=layer", _SEQUENCES],
 }
 
 

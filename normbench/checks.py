@@ -20,7 +20,7 @@ from normbench.datasets import DataInfo, describe_dataset
 from normbench.errors import ConfigError
 from normbench.models import build_model
 from normbench.norms import get_norm_spec, is_frozen
-from normbench.stacked_layers import unsupported_module
+from normbench.stacked import stack_unsupported
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def check_setup(cfg: DictConfig) -> RunShape:
     # No forward pass: on the meta device batch norm's kernels import torch._dynamo (1.3 s).
     with torch.device("meta"):
         model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs)
-    reason = unsupported_module(model)  # every run trains as a member of a stack
+    reason = stack_unsupported(model)  # every run trains as a member of a stack
     if reason is not None:
         raise ConfigError(f"model {cfg.model.name!r} with norm {cfg.norm.name!r}: {reason}")
     return RunShape(data, sum(p.numel() for p in model.parameters()))

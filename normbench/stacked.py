@@ -4,7 +4,7 @@ Every run trains through it (``normbench run`` is a stack of one; see normbench.
 the lifecycle around it). Small networks spend most of their time in per-op overhead; K
 members stacked into one network do the same number of ops per step as one run. The stacking
 is by hand (:mod:`normbench.stacked_layers`): batched matmuls, grouped convs, norms over K*C
-channels.
+channels; :mod:`normbench.stacked_recurrent` for model=rnn.
 
 API::
 
@@ -21,7 +21,7 @@ API::
             trainer.scheduler_step(val_losses)   # optimizer.scheduler=plateau only
         state = trainer.state()              # to go on later: trainer.load_state(state)
         trainer.member_state_dict(k)         # the single model's keys and shapes
-        trainer.member_module(k)             # a normal Net holding member k's weights
+        trainer.member_module(k)             # a plain Net or RecurrentNet: member k's weights
 
 Each member: its model is ``build_model`` + ``init_paired(model, seed)`` +
 ``torch.manual_seed(seed)`` exactly as ``experiment.prepare``; its own data
@@ -52,13 +52,16 @@ from torch import Tensor, nn
 from normbench import norms, results
 from normbench.datasets import DataSplits, load_dataset
 from normbench.models import build_model, init_paired
+from normbench.recurrent import RecurrentNet
 from normbench.stacked_layers import (
     StackedBatchNorm,
     StackedBatchRenorm,
     StackedNet,
     StackedReferenceBatchNorm,
+    unsupported_module,
 )
 from normbench.stacked_optim import StackedAdam, StackedPlateau, StackedSGD
+from normbench.stacked_recurrent import StackedRecurrentNet, unsupported_recurrent
 from normbench.train import EpochStats, pick_device
 
 Tensors = tuple[Tensor, Tensor]
@@ -66,6 +69,20 @@ T = TypeVar("T")
 
 _BATCH_NORM_STACKS = (StackedBatchNorm, StackedReferenceBatchNorm, StackedBatchRenorm)
 EVAL_BATCH = 1024  # examples per member in each evaluation step
+
+
+def stack_unsupported(model: nn.Module) -> str | None:
+    """Why the stacked layers cannot mirror ``model`` (one line), or None when they can."""
+    if isinstance(model, RecurrentNet):
+        return unsupported_recurrent(model)
+    return unsupported_module(model)
+
+
+def stack_model(models: Sequence[nn.Module], generators: list[torch.Generator]) -> nn.Module:
+    """The stacked network of ``models`` (one architecture): (K, B, *input) -> (K, B, out)."""
+    if isinstance(models[0], RecurrentNet):
+        return StackedRecurrentNet(models, generators)
+    return StackedNet(models, generators)
 
 
 def stack_key(cfg: DictConfig) -> str:
@@ -86,10 +103,13 @@ def estimate_member_bytes(cfg: DictConfig, input_shape: Sequence[int], num_outpu
     buffers = sum(b.numel() for b in model.buffers())
     activations = largest = 0
 
-    def count(_module, _inputs, output):
+    def count(module, inputs, output):
         nonlocal activations, largest
-        activations += output.numel()
-        largest = max(largest, output.numel())
+        size = sum(o.numel() for o in (output if isinstance(output, tuple) else (output,)))
+        if isinstance(module, nn.RNNCellBase):  # its gates, called once per time step
+            size += len(inputs[0]) * module.weight_ih.shape[0]
+        activations += size
+        largest = max(largest, size)
 
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(count) for m in leaves]
@@ -210,7 +230,7 @@ class StackedTrainer:
             torch.Generator(self.device).manual_seed(int(c.seed)) for c in cfgs
         ]
         self.order_generators = [torch.Generator().manual_seed(int(c.seed)) for c in cfgs]
-        self.net = StackedNet(models, self.dropout_generators).to(self.device)
+        self.net = stack_model(models, self.dropout_generators).to(self.device)
         self.freeze = bool(cfg.norm.get("freeze", False))
         if self.freeze:
             for module in self._frozen_norms():

@@ -1,0 +1,97 @@
+"""Helpers shared by the stacked-engine tests (test_stacked.py, test_stacked_rnn.py): a
+member trained alone as normbench's single run, a stack trained as the engine does, and the
+per-member agreement check between them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from normbench import norms
+from normbench.datasets import DataSplits, load_dataset
+from normbench.models import build_model, init_paired
+from normbench.stacked import StackedTrainer
+from tests.reference_training import evaluate, make_optimizer, make_scheduler, train_one_epoch
+
+REL = 1e-4  # per-step training losses, and the epoch's statistics
+
+
+class Recording(nn.Module):
+    """A loss function that records each step's loss (train_one_epoch gives only the mean)."""
+
+    def __init__(self, task: str):
+        super().__init__()
+        self.inner = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
+        self.losses: list[float] = []
+
+    def forward(self, out, y):
+        loss = self.inner(out, y)
+        self.losses.append(loss.item())
+        return loss
+
+
+def single_run(cfg, epochs: int = 1, data: DataSplits | None = None):
+    """normbench's single run: experiment.prepare's build, train_one_epoch, evaluate."""
+    data = data or load_dataset(cfg.dataset, cfg.seed)
+    model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs)
+    init_paired(model, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr)
+    scheduler = make_scheduler(optimizer, cfg.optimizer)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loss_fn = Recording(data.task)
+    stats, val, lrs = [], [], []
+    for _ in range(epochs):
+        stats.append(
+            train_one_epoch(
+                model,
+                optimizer,
+                loss_fn,
+                data.train,
+                cfg.batch_size,
+                generator,
+                freeze_norms=norms.is_frozen(cfg.norm),
+            )
+        )
+        val.append(evaluate(model, loss_fn.inner, data.val))
+        if scheduler is not None:
+            scheduler.step(val[-1][0])
+        lrs.append(optimizer.param_groups[0]["lr"])
+    return loss_fn.losses, stats, val, model, lrs
+
+
+def stacked_run(cfgs, epochs: int = 1, **kwargs):
+    trainer = StackedTrainer(cfgs, **kwargs)
+    losses: list[list[float]] = []
+    stats, val, lrs = [], [], []
+    for _ in range(epochs):
+        stats.append(trainer.train_epoch(on_step=lambda step, ls: losses.append(ls)))
+        val.append(trainer.evaluate("val"))
+        trainer.scheduler_step([v[0] for v in val[-1]])
+        lrs.append([trainer.lr(k) for k in range(len(cfgs))])
+    return trainer, losses, stats, val, lrs
+
+
+def close(a: float, b: float, rel: float = REL) -> bool:
+    return a == b or abs(a - b) <= rel * max(abs(a), abs(b), 1e-6)
+
+
+def assert_member_matches(trainer, k, single, stacked_losses, stats, val, steps=20):
+    losses, single_stats, single_val, model, _ = single
+    for step in range(steps):
+        assert close(stacked_losses[step][k], losses[step]), (step, stacked_losses[step][k])
+    s, t = single_stats[-1], stats[-1][k]
+    assert s.steps == t.steps
+    for field in ("loss", "first_loss", "grad_norm"):
+        assert close(getattr(s, field), getattr(t, field)), field
+    if not math.isnan(s.acc):
+        assert abs(s.acc - t.acc) < 1e-6
+    assert close(single_val[-1][0], val[-1][k][0])
+    state = trainer.member_state_dict(k)
+    assert state.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert state[key].shape == value.shape and state[key].dtype == value.dtype, key
+        torch.testing.assert_close(state[key], value, rtol=1e-3, atol=1e-4, msg=key)
