@@ -3,13 +3,53 @@ each fails on the code before its fix."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
+from typer.testing import CliRunner
 
+from normbench.cli import app
 from normbench.reference_batchnorm import BatchNormFunction
+from normbench.results import METRICS_FILE
+from tests.test_report import write_run
 
 f64 = torch.float64
+runner = CliRunner()
+
+
+def report(results: Path, *args: str) -> tuple[int, str, str]:
+    done = runner.invoke(app, ["report", "--results", str(results), *args])
+    return done.exit_code, done.stdout, done.stderr
+
+
+# ----------------------------------------------------------------------------- item 3
+
+
+def test_a_metrics_csv_that_lost_its_last_rows_is_incomplete_not_finished(tmp_path: Path) -> None:
+    """A run whose file ends before its ``epochs`` but says ok (or stalled) lost rows: it is
+    listed by id, never averaged in (its epoch 2 would pull lr 0.1 below lr 0.01). A diverged
+    run stops early by design and is still counted as diverged."""
+    for seed in range(3):
+        write_run(tmp_path, "batch", 0.01, seed, 0.80)
+        write_run(tmp_path, "batch", 0.1, seed, 0.82)
+        write_run(tmp_path, "batch", 1.0, seed, 0.6, "diverged" if seed == 0 else "ok")
+    cut = write_run(tmp_path, "batch", 0.1, 3, 0.82)
+    metrics = tmp_path / cut / METRICS_FILE
+    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:-1]))
+    code, out, err = report(tmp_path, "--format", "markdown")
+    assert code == 0, err
+    cells = [
+        "0.8000 ± 0.0000 (n=3)",
+        "**0.8200 ± 0.0000 (n=3)**",  # still the best lr: the cut run's epoch 2 left out
+        "0.6000 ± 0.0000 (n=2, 1/3 diverged)",  # stopped early by design: counted as before
+    ]
+    assert f"| batch | {' | '.join(cells)} |" in out
+    assert f"1 run incomplete (metrics.csv ends before the last epoch): {cut} (epoch 2 of 3)" in out
+    left_out = json.loads(report(tmp_path, "--format", "json")[1])["left_out"]
+    assert left_out == [{"run_id": cut, "status": "incomplete", "epoch": 2}]
 
 
 # ----------------------------------------------------------------------------- item 5
