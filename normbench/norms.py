@@ -103,7 +103,10 @@ class GhostBatchNormSettings(BatchNormSettings):
 class FRNSettings:
     name: str = MISSING
     eps: float = MISSING
-    learned_eps: bool = MISSING  # eps + |eps_l| with eps_l learned (the paper's fix for 1x1)
+    # On (N, C) features only (an MLP's layers, a CNN's dense ones), where H x W = 1 and
+    # nu2 = x^2: eps + |eps_l| with eps_l learned (the paper's fix for 1x1). Conv maps always
+    # use the fixed eps.
+    learned_eps: bool = MISSING
 
 
 @dataclass
@@ -163,6 +166,13 @@ def _group(cfg: Any, spatial: bool) -> NormLayer:
         return nn.GroupNorm(groups, channels, eps=eps, affine=affine)
 
     return group_norm
+
+
+def _frn(cfg: Any, spatial: bool) -> NormLayer:
+    # The learned eps is for H x W = 1 (nu2 = x^2); on maps nu2 averages H x W values and
+    # eps + |eps_l| (~1 at the start) would shrink the outputs instead of guarding a division.
+    learned = cfg.learned_eps and not spatial
+    return partial(FilterResponseNorm, eps=cfg.eps, learned_eps=learned)
 
 
 def _rms(cfg: Any, spatial: bool) -> NormLayer:
@@ -284,9 +294,7 @@ _NORMS: dict[str, NormSpec] = {
         GhostBatchNormSettings, _constructor(GhostBatchNorm), _check_ghost_batch, batch_stats=True,
         removes_bias=True, check_batch=_check_virtual_batch,
     ),  # fmt: skip
-    "frn": NormSpec(
-        FRNSettings, _constructor(FilterResponseNorm), _check_eps, includes_activation=True
-    ),
+    "frn": NormSpec(FRNSettings, _frn, _check_eps, includes_activation=True),
     "rms": NormSpec(LayerNormSettings, _rms, _check_eps),
     "ws_group": NormSpec(WSGroupNormSettings, _group, _check_ws_group, weight_layers=_ws_layers),
     # Cooijmans et al. 2016: one BatchNorm1d per time step of an RNN (statistics per step).

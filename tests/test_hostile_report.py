@@ -11,7 +11,10 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 from typer.testing import CliRunner
 
+from normbench.app import compose_config
 from normbench.cli import app
+from normbench.frn import FilterResponseNorm
+from normbench.models import build_model
 from normbench.reference_batchnorm import BatchNormFunction
 from normbench.results import METRICS_FILE
 from tests.test_report import write_run
@@ -68,3 +71,27 @@ def test_reference_batch_norm_backward_is_once_differentiable() -> None:
         grad_x.sum().backward()
     with pytest.raises(RuntimeError):
         gradgradcheck(bn, (x, gamma, beta))
+
+
+# ----------------------------------------------------------------------------- item 4
+
+
+def frn_layers(overrides: list[str], shape: tuple[int, ...]) -> list[FilterResponseNorm]:
+    cfg, _ = compose_config(["norm=frn", *overrides])
+    net = build_model(cfg.model, cfg.norm, shape, 10)
+    return [m for m in net.modules() if isinstance(m, FilterResponseNorm)]
+
+
+def test_frn_learns_eps_on_features_only_conv_maps_use_the_fixed_eps() -> None:
+    """configs/norm/frn.yaml's learned_eps is the paper's fix for H x W = 1: conv maps keep
+    eps = 1e-6 (not 1e-6 + |eps_l| ~ 1, which made their outputs ~30% smaller)."""
+    torch.manual_seed(0)
+    conv = frn_layers(["model=convnet"], (1, 16, 16))
+    assert len(conv) == 2 and all(m.eps_l is None and m.eps == 1e-6 for m in conv)
+    x = torch.randn(4, conv[0].num_features, 8, 8)
+    nu2 = x.pow(2).mean((2, 3), keepdim=True)
+    torch.testing.assert_close(conv[0](x), torch.clamp(x / (nu2 + 1e-6).sqrt(), min=0.0))
+    mlp = frn_layers(["model=mlp"], (1, 16, 16))
+    assert len(mlp) == 2 and all(m.eps_l is not None for m in mlp)
+    lenet_conv, lenet_dense = frn_layers(["model=lenet"], (1, 16, 16))
+    assert lenet_conv.eps_l is None and lenet_dense.eps_l is not None
