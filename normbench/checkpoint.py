@@ -9,6 +9,7 @@ atomically and hold only tensors and plain Python values, so they load with
 
 from __future__ import annotations
 
+import errno
 import io
 import pickle
 import random
@@ -133,8 +134,29 @@ def _load(path: Path) -> Any:
         raise CheckpointError(
             f"cannot load {path}: it holds objects other than tensors and plain data (refused)"
         ) from error
-    except (RuntimeError, EOFError, ValueError) as error:  # not a torch file, or truncated
-        raise CheckpointError(f"cannot load {path}: {str(error).splitlines()[0]}") from error
+    except OSError as error:
+        if error.errno != errno.EINVAL:  # the file itself: permissions, a folder, I/O
+            raise CheckpointError(f"cannot load {path}: {error.strerror or error}") from error
+        # torch's zip reader on a file cut short (its end of archive missing)
+        raise CheckpointError(f"cannot load {path}: {_CORRUPT}") from error
+    except EOFError as error:  # no bytes at all, or a pickle cut short: the message is empty
+        empty = path.stat().st_size == 0
+        raise CheckpointError(f"cannot load {path}: {'empty' if empty else _CORRUPT}") from error
+    except Exception as error:  # not a torch file: the zip reader's or unpickler's error
+        raise CheckpointError(f"cannot load {path}: {_CORRUPT} ({_reason(error)})") from error
+
+
+_CORRUPT = "truncated or corrupt, not a whole torch file"
+
+
+def _reason(error: BaseException) -> str:
+    """The first sentence of ``error``'s message (torch's zip errors add a paragraph), after
+    its type unless it is torch's RuntimeError (a KeyError's message alone is just a key)."""
+    lines = str(error).strip().splitlines()
+    sentence = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    if isinstance(error, RuntimeError) and sentence:
+        return sentence
+    return f"{type(error).__name__}: {sentence}" if sentence else type(error).__name__
 
 
 def _check_plain(value: Any, where: str) -> None:

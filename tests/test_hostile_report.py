@@ -16,8 +16,9 @@ from normbench.cli import app
 from normbench.frn import FilterResponseNorm
 from normbench.models import build_model
 from normbench.reference_batchnorm import BatchNormFunction
-from normbench.results import METRICS_FILE
+from normbench.results import METRICS_FILE, MODEL_FILE
 from tests.test_report import write_run
+from tests.test_show import finished_run
 
 f64 = torch.float64
 runner = CliRunner()
@@ -95,3 +96,31 @@ def test_frn_learns_eps_on_features_only_conv_maps_use_the_fixed_eps() -> None:
     assert len(mlp) == 2 and all(m.eps_l is not None for m in mlp)
     lenet_conv, lenet_dense = frn_layers(["model=lenet"], (1, 16, 16))
     assert lenet_conv.eps_l is None and lenet_dense.eps_l is not None
+
+
+# ----------------------------------------------------------------------------- item 8
+
+
+def show(results: Path, run_id: str, tmp_path: Path) -> str:
+    """``normbench show``'s one-line error (exit 2, no traceback, no figure written)."""
+    png = tmp_path / "figure.png"
+    done = runner.invoke(
+        app, ["show", run_id, "--results", str(results), "--output", str(png)]
+    )
+    assert done.exit_code == 2, (done.stdout, done.stderr)
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert not png.exists()
+    return done.stderr
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0])
+def test_show_of_a_truncated_model_pt_is_one_line(
+    keep: float, tiny: list[str], tmp_path: Path
+) -> None:
+    results_dir, run_id = finished_run(tiny)
+    weights = results_dir / run_id / MODEL_FILE
+    data = weights.read_bytes()
+    weights.write_bytes(data[: int(len(data) * keep)])
+    err = show(results_dir, run_id, tmp_path)
+    assert err.startswith(f"error: cannot load {weights}: ")
+    assert "truncated or corrupt" in err or "empty" in err
