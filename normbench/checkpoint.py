@@ -111,11 +111,44 @@ def save_weights(path: Path, model: nn.Module) -> None:
 
 
 def load_weights(path: Path, model: nn.Module) -> None:
-    """Load weights written by :func:`save_weights` into ``model``, built with the same config."""
+    """Load weights written by :func:`save_weights` into ``model``, built with the same config.
+
+    Weights that do not fit (missing, unexpected or mis-shaped tensors) are refused in one
+    line naming the first mismatch, shapes and all, and how many more there are.
+    """
+    state = _load(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"cannot load {path}: not a state_dict (tensors by name)")
+    mismatches = _mismatches(state, model.state_dict())
+    if mismatches:
+        more = len(mismatches) - 1
+        raise CheckpointError(
+            f"cannot load {path}: its weights do not fit the model config.yaml builds: "
+            f"{mismatches[0]}" + (f" (and {more} more mismatching tensors)" if more else "")
+        )
     try:
-        model.load_state_dict(_load(path))
-    except RuntimeError as error:  # missing, unexpected or mis-shaped tensors
-        raise CheckpointError(f"cannot load {path}: {str(error).splitlines()[0]}") from error
+        model.load_state_dict(state)
+    except RuntimeError as error:  # anything load_state_dict refuses beyond names and shapes
+        raise CheckpointError(f"cannot load {path}: {_reason(error)}") from error
+
+
+def _mismatches(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+    """Each tensor of ``expected`` missing from ``saved`` or of another shape, in the model's
+    order, then each tensor ``saved`` has and ``expected`` does not."""
+    found = []
+    for name, tensor in expected.items():
+        if name not in saved:
+            found.append(f"{name} {_shape(tensor)} is missing from the file")
+        elif saved[name].shape != tensor.shape:
+            found.append(
+                f"{name} is {_shape(saved[name])} in the file, {_shape(tensor)} in the model"
+            )
+    found += [f"{name} is in the file, not in the model" for name in saved if name not in expected]
+    return found
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return str(list(tensor.shape))
 
 
 def _save(path: Path, state: Any) -> None:

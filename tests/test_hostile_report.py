@@ -12,6 +12,7 @@ from torch.autograd import gradcheck, gradgradcheck
 from typer.testing import CliRunner
 
 from normbench.app import compose_config
+from normbench.checkpoint import save_weights
 from normbench.cli import app
 from normbench.frn import FilterResponseNorm
 from normbench.models import build_model
@@ -124,3 +125,58 @@ def test_show_of_a_truncated_model_pt_is_one_line(
     err = show(results_dir, run_id, tmp_path)
     assert err.startswith(f"error: cannot load {weights}: ")
     assert "truncated or corrupt" in err or "empty" in err
+
+
+# ----------------------------------------------------------------------------- item 16
+
+
+def test_show_of_weights_of_another_shape_names_the_first_mismatch(
+    tiny: list[str], tmp_path: Path
+) -> None:
+    results_dir, run_id = finished_run(tiny)  # model.hidden=[32,16]
+    cfg, _ = compose_config([*tiny, "model.hidden=[8,16]"])
+    weights = results_dir / run_id / MODEL_FILE
+    save_weights(weights, build_model(cfg.model, cfg.norm, (1, 16, 16), 10))
+    err = show(results_dir, run_id, tmp_path)
+    assert err == (
+        f"error: cannot load {weights}: its weights do not fit the model config.yaml builds: "
+        "blocks.0.layer.weight is [8, 256] in the file, [32, 256] in the model "
+        "(and 5 more mismatching tensors)\n"
+    )
+
+
+def test_show_of_a_failed_run_says_it_failed_with_its_error(
+    tiny: list[str], tmp_path: Path
+) -> None:
+    from normbench.experiment import RunLog
+
+    cfg, choices = compose_config(tiny)
+    log = RunLog(cfg, choices, "")
+    try:
+        raise RuntimeError("boom at step 3\nsecond line")
+    except RuntimeError as error:
+        log.fail(error)
+    err = show(log.path.parent, log.run_id, tmp_path)
+    assert err == (
+        f"error: run {log.run_id} failed (RuntimeError: boom at step 3); nothing to show: "
+        f"its traceback is in {log.path / 'error.txt'}\n"
+    )
+
+
+def test_where_filters_are_each_checked_against_all_runs_and_combine_with_and(
+    tmp_path: Path,
+) -> None:
+    for seed in range(2):
+        write_run(tmp_path, "batch", 0.1, seed, 0.8)
+        write_run(tmp_path, "none", 1.0, seed, 0.6)
+    code, _, err = report(tmp_path, "--where", "norm=batch", "--where", "norm=none")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err == (
+        "error: no run matches --where norm=batch and norm=none together (the filters combine "
+        "with AND; each alone matches runs)\n"
+    )
+    code, _, err = report(tmp_path, "--where", "norm=batch", "--where", "lr=1")
+    assert code == 2 and "no run matches --where norm=batch and lr=1 together" in err
+    code, _, err = report(tmp_path, "--where", "norm=batch", "--where", "norm=layer")
+    assert code == 2
+    assert err == "error: unknown value for --where norm 'layer'; choose from: batch, none\n"
