@@ -15,6 +15,7 @@ only (timm's ``create_norm``, torchvision's ``norm_layer``), for (N, C) features
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -153,16 +154,38 @@ def _instance(cfg: Any, spatial: bool) -> NormLayer:
     )
 
 
+class GroupCountError(ConfigError):
+    """norm.num_groups does not divide a layer's channels. The message suggests the divisors
+    of that layer; :meth:`for_widths` those of every normalized layer of the model."""
+
+    def __init__(self, groups: int, channels: int) -> None:
+        self.groups, self.channels = groups, channels
+        super().__init__(self._message([channels]))
+
+    def for_widths(self, widths: list[int]) -> GroupCountError:
+        """The same error suggesting only counts that divide every one of ``widths``."""
+        error = GroupCountError(self.groups, self.channels)
+        error.args = (self._message(list(dict.fromkeys(widths)) or [self.channels]),)
+        return error
+
+    def _message(self, widths: list[int]) -> str:
+        common = math.gcd(*widths)
+        divisors = ", ".join(str(d) for d in range(1, common + 1) if common % d == 0)
+        names = [str(width) for width in widths]
+        of = names[0] if len(names) == 1 else f"{', of '.join(names[:-1])} and of {names[-1]}"
+        every = " (every normalized layer's channels)" if len(names) > 1 else ""
+        return (
+            f"norm.num_groups={self.groups} does not divide a layer's {self.channels} channels; "
+            f"choose a divisor of {of}{every}: {divisors}"
+        )
+
+
 def _group(cfg: Any, spatial: bool) -> NormLayer:
     groups, eps, affine = cfg.num_groups, cfg.eps, cfg.affine
 
     def group_norm(channels: int) -> nn.Module:
         if channels % groups:
-            divisors = ", ".join(str(d) for d in range(1, channels + 1) if channels % d == 0)
-            raise ConfigError(
-                f"norm.num_groups={groups} does not divide a layer's {channels} channels; "
-                f"choose a divisor of {channels}: {divisors}"
-            )
+            raise GroupCountError(groups, channels)
         return nn.GroupNorm(groups, channels, eps=eps, affine=affine)
 
     return group_norm

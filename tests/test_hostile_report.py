@@ -127,6 +127,34 @@ def test_show_of_a_truncated_model_pt_is_one_line(
     assert "truncated or corrupt" in err or "empty" in err
 
 
+# ----------------------------------------------------------------------------- item 13
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        # the default mlp, 256 and 128 wide: 256 itself does not divide the 128-wide layer
+        (["norm.num_groups=3"], "a layer's 256 channels; choose a divisor of 256 and of 128 "
+         "(every normalized layer's channels): 1, 2, 4, 8, 16, 32, 64, 128"),
+        (["norm.num_groups=64", "model.hidden=[256,96]"], "a layer's 96 channels; choose a "
+         "divisor of 256 and of 96 (every normalized layer's channels): 1, 2, 4, 8, 16, 32"),
+        # lenet normalizes its second conv (20) and its dense layer (50), not its first conv
+        (["model=lenet", "norm.num_groups=3"], "a layer's 20 channels; choose a divisor of 20 "
+         "and of 50 (every normalized layer's channels): 1, 2, 5, 10"),
+        (["model.hidden=[32,32]", "norm.num_groups=3"], "divisor of 32: 1, 2, 4, 8, 16, 32"),
+    ],
+)  # fmt: skip
+def test_group_counts_suggested_divide_every_normalized_layer(
+    overrides: list[str], expected: str, tmp_path: Path
+) -> None:
+    done = runner.invoke(
+        app, ["run", "norm=group", *overrides, "quiet=true", f"results_dir={tmp_path / 'r'}"]
+    )
+    assert done.exit_code == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.rstrip().endswith(expected), done.stderr
+    assert not (tmp_path / "r").exists()
+
+
 # ----------------------------------------------------------------------------- item 16
 
 
