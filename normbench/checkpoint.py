@@ -9,6 +9,7 @@ atomically and hold only tensors and plain Python values, so they load with
 
 from __future__ import annotations
 
+import errno
 import io
 import pickle
 import random
@@ -110,11 +111,44 @@ def save_weights(path: Path, model: nn.Module) -> None:
 
 
 def load_weights(path: Path, model: nn.Module) -> None:
-    """Load weights written by :func:`save_weights` into ``model``, built with the same config."""
+    """Load weights written by :func:`save_weights` into ``model``, built with the same config.
+
+    Weights that do not fit (missing, unexpected or mis-shaped tensors) are refused in one
+    line naming the first mismatch, shapes and all, and how many more there are.
+    """
+    state = _load(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"cannot load {path}: not a state_dict (tensors by name)")
+    mismatches = _mismatches(state, model.state_dict())
+    if mismatches:
+        more = len(mismatches) - 1
+        raise CheckpointError(
+            f"cannot load {path}: its weights do not fit the model config.yaml builds: "
+            f"{mismatches[0]}" + (f" (and {more} more mismatching tensors)" if more else "")
+        )
     try:
-        model.load_state_dict(_load(path))
-    except RuntimeError as error:  # missing, unexpected or mis-shaped tensors
-        raise CheckpointError(f"cannot load {path}: {str(error).splitlines()[0]}") from error
+        model.load_state_dict(state)
+    except RuntimeError as error:  # anything load_state_dict refuses beyond names and shapes
+        raise CheckpointError(f"cannot load {path}: {_reason(error)}") from error
+
+
+def _mismatches(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+    """Each tensor of ``expected`` missing from ``saved`` or of another shape, in the model's
+    order, then each tensor ``saved`` has and ``expected`` does not."""
+    found = []
+    for name, tensor in expected.items():
+        if name not in saved:
+            found.append(f"{name} {_shape(tensor)} is missing from the file")
+        elif saved[name].shape != tensor.shape:
+            found.append(
+                f"{name} is {_shape(saved[name])} in the file, {_shape(tensor)} in the model"
+            )
+    found += [f"{name} is in the file, not in the model" for name in saved if name not in expected]
+    return found
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return str(list(tensor.shape))
 
 
 def _save(path: Path, state: Any) -> None:
@@ -133,8 +167,29 @@ def _load(path: Path) -> Any:
         raise CheckpointError(
             f"cannot load {path}: it holds objects other than tensors and plain data (refused)"
         ) from error
-    except (RuntimeError, EOFError, ValueError) as error:  # not a torch file, or truncated
-        raise CheckpointError(f"cannot load {path}: {str(error).splitlines()[0]}") from error
+    except OSError as error:
+        if error.errno != errno.EINVAL:  # the file itself: permissions, a folder, I/O
+            raise CheckpointError(f"cannot load {path}: {error.strerror or error}") from error
+        # torch's zip reader on a file cut short (its end of archive missing)
+        raise CheckpointError(f"cannot load {path}: {_CORRUPT}") from error
+    except EOFError as error:  # no bytes at all, or a pickle cut short: the message is empty
+        empty = path.stat().st_size == 0
+        raise CheckpointError(f"cannot load {path}: {'empty' if empty else _CORRUPT}") from error
+    except Exception as error:  # not a torch file: the zip reader's or unpickler's error
+        raise CheckpointError(f"cannot load {path}: {_CORRUPT} ({_reason(error)})") from error
+
+
+_CORRUPT = "truncated or corrupt, not a whole torch file"
+
+
+def _reason(error: BaseException) -> str:
+    """The first sentence of ``error``'s message (torch's zip errors add a paragraph), after
+    its type unless it is torch's RuntimeError (a KeyError's message alone is just a key)."""
+    lines = str(error).strip().splitlines()
+    sentence = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    if isinstance(error, RuntimeError) and sentence:
+        return sentence
+    return f"{type(error).__name__}: {sentence}" if sentence else type(error).__name__
 
 
 def _check_plain(value: Any, where: str) -> None:

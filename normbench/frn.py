@@ -10,7 +10,9 @@ FRN replaces the activation that would follow it (``NormSpec.includes_activation
 apply no activation after it. On (N, C) features H = W = 1, so nu2 = x^2 and, with a tiny
 eps, y = gamma * sign(x) + beta: the layer would pass only signs, with vanishing gradients.
 The paper's remedy is a learned eps; here ``learned_eps=True`` uses eps + |eps_l| with one
-learned eps_l per layer, initialized to :data:`LEARNED_EPS_INIT`.
+learned eps_l per layer, initialized to :data:`LEARNED_EPS_INIT`. The norm's builder
+(``norms._frn``) asks for it on (N, C) features only: on maps nu2 is a mean over H x W and
+the fixed eps is what the formula means (eps_l is then None).
 """
 
 from __future__ import annotations

@@ -241,7 +241,11 @@ def build_model(
     """
     if model_cfg.get("name") == "rnn":
         return _build_rnn(model_cfg, norm_cfg, input_shape, num_outputs)
-    net = _build(model_cfg, norm_cfg, input_shape, num_outputs)
+    try:
+        net = _build(model_cfg, norm_cfg, input_shape, num_outputs)
+    except norms.GroupCountError as error:  # suggest counts that fit every layer, not one
+        widths = normalized_widths(model_cfg, norm_cfg, input_shape, num_outputs)
+        raise error.for_widths(widths) from None
     if norm_cfg.name != "none" and not any(
         not isinstance(block.norm, nn.Identity) for block in net.blocks
     ):
@@ -250,6 +254,21 @@ def build_model(
             "configured (no normalized hidden layer); add hidden layers or use norm=none"
         )
     return net
+
+
+def normalized_widths(
+    model_cfg: Any, norm_cfg: Any, input_shape: Sequence[int], num_outputs: int
+) -> list[int]:
+    """The channel count of every layer the norm of ``norm_cfg`` would normalize, in order:
+    the model built (on the meta device) with a norm that only records its width."""
+    widths: list[int] = []
+
+    def recorder(cfg: Any, spatial: bool) -> norms.NormLayer:
+        return lambda channels: widths.append(channels) or nn.Identity()
+
+    with torch.device("meta"):
+        _build(model_cfg, norm_cfg, input_shape, num_outputs, recorder)
+    return widths
 
 
 def _build_rnn(
@@ -271,7 +290,13 @@ def _build_rnn(
     )
 
 
-def _build(model_cfg: Any, norm_cfg: Any, input_shape: Sequence[int], num_outputs: int) -> Net:
+def _build(
+    model_cfg: Any,
+    norm_cfg: Any,
+    input_shape: Sequence[int],
+    num_outputs: int,
+    norm_layer_for: Callable[[Any, bool], norms.NormLayer | None] = norms.get_norm_layer,
+) -> Net:
     if model_cfg.name not in _MODELS:
         raise choices_error("model", model_cfg.name, model_names())
     if model_cfg.activation not in _ACTIVATIONS:
@@ -309,17 +334,17 @@ def _build(model_cfg: Any, norm_cfg: Any, input_shape: Sequence[int], num_output
     )
     build = _MODELS[model_cfg.name][1]
     if build is mlp:
-        norm_layer = norms.get_norm_layer(norm_cfg, spatial=False)
+        norm_layer = norm_layer_for(norm_cfg, False)
         return mlp(input_shape, num_outputs, model_cfg.hidden, norm_layer, **kwargs)
     # Norms that only make sense on feature maps (instance) leave the dense layers of a CNN
     # unnormalized rather than computing something meaningless on features.
-    dense_norm = None if spec.spatial_only else norms.get_norm_layer(norm_cfg, spatial=False)
+    dense_norm = None if spec.spatial_only else norm_layer_for(norm_cfg, False)
     return build(
         input_shape,
         num_outputs,
         model_cfg.channels,
         model_cfg.hidden,
-        norms.get_norm_layer(norm_cfg, spatial=True),
+        norm_layer_for(norm_cfg, True),
         dense_norm,
         **kwargs,
     )

@@ -15,6 +15,7 @@ only (timm's ``create_norm``, torchvision's ``norm_layer``), for (N, C) features
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -103,7 +104,10 @@ class GhostBatchNormSettings(BatchNormSettings):
 class FRNSettings:
     name: str = MISSING
     eps: float = MISSING
-    learned_eps: bool = MISSING  # eps + |eps_l| with eps_l learned (the paper's fix for 1x1)
+    # On (N, C) features only (an MLP's layers, a CNN's dense ones), where H x W = 1 and
+    # nu2 = x^2: eps + |eps_l| with eps_l learned (the paper's fix for 1x1). Conv maps always
+    # use the fixed eps.
+    learned_eps: bool = MISSING
 
 
 @dataclass
@@ -150,19 +154,48 @@ def _instance(cfg: Any, spatial: bool) -> NormLayer:
     )
 
 
+class GroupCountError(ConfigError):
+    """norm.num_groups does not divide a layer's channels. The message suggests the divisors
+    of that layer; :meth:`for_widths` those of every normalized layer of the model."""
+
+    def __init__(self, groups: int, channels: int) -> None:
+        self.groups, self.channels = groups, channels
+        super().__init__(self._message([channels]))
+
+    def for_widths(self, widths: list[int]) -> GroupCountError:
+        """The same error suggesting only counts that divide every one of ``widths``."""
+        error = GroupCountError(self.groups, self.channels)
+        error.args = (self._message(list(dict.fromkeys(widths)) or [self.channels]),)
+        return error
+
+    def _message(self, widths: list[int]) -> str:
+        common = math.gcd(*widths)
+        divisors = ", ".join(str(d) for d in range(1, common + 1) if common % d == 0)
+        names = [str(width) for width in widths]
+        of = names[0] if len(names) == 1 else f"{', of '.join(names[:-1])} and of {names[-1]}"
+        every = " (every normalized layer's channels)" if len(names) > 1 else ""
+        return (
+            f"norm.num_groups={self.groups} does not divide a layer's {self.channels} channels; "
+            f"choose a divisor of {of}{every}: {divisors}"
+        )
+
+
 def _group(cfg: Any, spatial: bool) -> NormLayer:
     groups, eps, affine = cfg.num_groups, cfg.eps, cfg.affine
 
     def group_norm(channels: int) -> nn.Module:
         if channels % groups:
-            divisors = ", ".join(str(d) for d in range(1, channels + 1) if channels % d == 0)
-            raise ConfigError(
-                f"norm.num_groups={groups} does not divide a layer's {channels} channels; "
-                f"choose a divisor of {channels}: {divisors}"
-            )
+            raise GroupCountError(groups, channels)
         return nn.GroupNorm(groups, channels, eps=eps, affine=affine)
 
     return group_norm
+
+
+def _frn(cfg: Any, spatial: bool) -> NormLayer:
+    # The learned eps is for H x W = 1 (nu2 = x^2); on maps nu2 averages H x W values and
+    # eps + |eps_l| (~1 at the start) would shrink the outputs instead of guarding a division.
+    learned = cfg.learned_eps and not spatial
+    return partial(FilterResponseNorm, eps=cfg.eps, learned_eps=learned)
 
 
 def _rms(cfg: Any, spatial: bool) -> NormLayer:
@@ -284,9 +317,7 @@ _NORMS: dict[str, NormSpec] = {
         GhostBatchNormSettings, _constructor(GhostBatchNorm), _check_ghost_batch, batch_stats=True,
         removes_bias=True, check_batch=_check_virtual_batch,
     ),  # fmt: skip
-    "frn": NormSpec(
-        FRNSettings, _constructor(FilterResponseNorm), _check_eps, includes_activation=True
-    ),
+    "frn": NormSpec(FRNSettings, _frn, _check_eps, includes_activation=True),
     "rms": NormSpec(LayerNormSettings, _rms, _check_eps),
     "ws_group": NormSpec(WSGroupNormSettings, _group, _check_ws_group, weight_layers=_ws_layers),
     # Cooijmans et al. 2016: one BatchNorm1d per time step of an RNN (statistics per step).

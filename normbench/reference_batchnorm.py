@@ -16,10 +16,17 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """Batch norm of an (M, C) matrix over its M rows; returns (y, batch mean, batch variance)."""
+    """Batch norm of an (M, C) matrix over its M rows; returns (y, batch mean, batch variance).
+
+    Once differentiable: the hand-written backward treats the saved batch mean and variance
+    as constants, so differentiating it again (a gradient penalty, Hessian-vector products)
+    would give a silently wrong second derivative (gradgradcheck is 0.51 off). Double
+    backward raises instead; use ``norm=batch`` for it.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, gamma: Tensor, beta: Tensor, eps: float):
@@ -32,6 +39,7 @@ class BatchNormFunction(torch.autograd.Function):
         return gamma * x_hat + beta, mean, var
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dl_dz: Tensor, _dl_dmean: Tensor, _dl_dvar: Tensor):
         # Document 003's formula, names as there: z = gamma * normalized_x + beta.
         x, gamma, mean, variance = ctx.saved_tensors

@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from normbench.errors import ConfigError, choices_error
-from normbench.report_load import COMPLETE, RUN_DIR, key_columns, load_diagnostics, load_runs
+from normbench.report_load import (
+    COMPLETE,
+    RUN_DIR,
+    cut_short,
+    key_columns,
+    load_diagnostics,
+    load_runs,
+)
 from normbench.report_render import Block, DiagnosticsReport, Report, print_tables, render
 from normbench.report_stats import (
     best_lr,
@@ -45,6 +52,7 @@ FORMATS = ("table", "csv", "markdown", "latex", "json")
 NO_RESULTS = "no results under {dir}; produce some with `normbench run` or `normbench sweep ...`"
 NO_DIAGNOSTICS = "no diagnostics under {dir}; record some with `normbench run diagnostics=true`"
 MAX_WARNINGS = 20
+INCOMPLETE = "incomplete"  # the left-out status of a run whose metrics.csv lost its last rows
 MAX_IDS = 5  # run ids named in a note before "..."
 FILE_WIDTH = 200  # width of the rich tables written to --output
 
@@ -101,12 +109,16 @@ def report(
         raise choices_error("baseline norm", baseline, norms)
     if baseline is None and "none" in norms:
         baseline = "none"
+    short = cut_short(runs)  # says ok or stalled but ends before its last epoch: lost rows
+    incomplete = _ended_at(runs[short])
+    runs = runs.assign(status=runs["status"].mask(short, INCOMPLETE))
     left_out = runs[~runs["status"].isin(COMPLETE)][["run_id", "status", "epoch"]]
     notes = [
         *_listed(left_out[left_out["status"].eq("running")], "unfinished or running"),
         *_listed(left_out[left_out["status"].eq("failed")], "failed (counted, never averaged)"),
+        *_listed(incomplete, "incomplete (metrics.csv ends before the last epoch)"),
     ]
-    runs = runs[~runs["status"].eq("running")]  # unfinished: never in the statistics
+    runs = runs[~runs["status"].isin(("running", INCOMPLETE))]  # never in the statistics
 
     if diagnostics:
         records, warnings = load_diagnostics(runs)
@@ -176,6 +188,14 @@ def _listed(runs: pd.DataFrame, what: str) -> list[str]:
         return []
     more = f", ... ({len(names) - MAX_IDS} more)" if len(names) > MAX_IDS else ""
     return [f"{len(names)} run{'s' * (len(names) > 1)} {what}: {', '.join(names[:MAX_IDS])}{more}"]
+
+
+def _ended_at(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with each id followed by where its file ends: ``id (epoch 1 of 2)``."""
+    if runs.empty:
+        return runs
+    ends = zip(runs["run_id"], runs["epoch"], runs["epochs"].astype(float), strict=True)
+    return runs.assign(run_id=[f"{run} (epoch {e:g} of {n:g})" for run, e, n in ends])
 
 
 def _counted(runs: pd.DataFrame, what: str) -> list[str]:

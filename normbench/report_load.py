@@ -150,6 +150,20 @@ def load_runs(results_dir: Path, last_row_only: bool = True) -> tuple[pd.DataFra
     return frame.reset_index(drop=True), warnings
 
 
+def cut_short(runs: pd.DataFrame) -> pd.Series:
+    """Final rows whose metrics.csv ends before the run's ``epochs`` yet says it finished
+    (ok or stalled): a file that lost its last rows, whose "last epoch" is not the last.
+
+    Only a diverged run stops early by design (its last row is the epoch it diverged in);
+    running and failed runs are left out as such. Files without an ``epochs`` column (or
+    value) are taken at their word.
+    """
+    if "epochs" not in runs:
+        return pd.Series(False, index=runs.index)
+    epochs = pd.to_numeric(runs["epochs"], errors="coerce")
+    return runs["status"].isin(("ok", "stalled")) & runs["epoch"].lt(epochs)
+
+
 def _drop_files(frame: pd.DataFrame, bad: pd.Series, why: str, warnings: list[str]) -> pd.DataFrame:
     """``frame`` without the files that have a ``bad`` row, each named in a warning."""
     folders = frame.loc[bad, RUN_DIR].unique()

@@ -31,8 +31,13 @@ EQUAL = 1e-9  # differences whose std is below this (relative to the mean) are a
 
 
 def filter_runs(runs: pd.DataFrame, where: Sequence[str]) -> pd.DataFrame:
-    """Keep the runs matching every ``key=value`` (value read as the column's type)."""
+    """Keep the runs matching every ``key=value`` (value read as the column's type).
+
+    Each condition is checked against all runs (an unknown key or value names the choices);
+    they combine with AND, and a combination no run matches is an error saying so.
+    """
     keys = key_columns(runs)
+    keep = pd.Series(True, index=runs.index)
     for condition in where:
         key, sep, text = condition.partition("=")
         if not sep:
@@ -43,8 +48,13 @@ def filter_runs(runs: pd.DataFrame, where: Sequence[str]) -> pd.DataFrame:
         if not mask.any():
             values = sorted({format_value(v) for v in runs[key].unique()})
             raise choices_error(f"value for --where {key}", text, values)
-        runs = runs[mask]
-    return runs
+        keep &= mask
+    if not keep.any():
+        raise ConfigError(
+            f"no run matches --where {' and '.join(where)} together (the filters combine with "
+            "AND; each alone matches runs)"
+        )
+    return runs[keep]
 
 
 def _matches(column: pd.Series, key: str, text: str) -> pd.Series:

@@ -9,6 +9,7 @@ the norm, after it and after the activation.
 
 from __future__ import annotations
 
+import csv
 import difflib
 import math
 from collections.abc import Callable
@@ -47,9 +48,10 @@ def load_run(results_dir: Path, run_id: str) -> tuple[DictConfig, nn.Module, Dat
     run_path = results_dir / run_id
     if not (run_path / results.CONFIG_FILE).is_file():
         raise ConfigError(_unknown(results_dir, run_id))
+    _check_finished(run_path, run_id)
     weights = run_path / results.MODEL_FILE
     if not weights.is_file():
-        raise ConfigError(f"run {run_id} has no {results.MODEL_FILE}: it has not finished")
+        raise ConfigError(f"run {run_id} has no {results.MODEL_FILE}: its weights are gone")
     cfg = OmegaConf.load(run_path / results.CONFIG_FILE)
     data = load_dataset(cfg.dataset, cfg.seed)
     model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs)
@@ -130,6 +132,27 @@ def show(run_id: str, results_dir: Path, output: Path | None = None, example: in
     with writing(output), results.atomic_writer(output, "wb") as handle:
         figure.savefig(handle, format="png", dpi=90)
     return output
+
+
+def _check_finished(run_path: Path, run_id: str) -> None:
+    """Refuse a run that failed (naming its error) or has not finished (naming where it is):
+    the weights of either are not a trained model's."""
+    metrics = run_path / results.METRICS_FILE
+    try:
+        last = results.read_last_row(metrics) if metrics.is_file() else {}
+    except (OSError, UnicodeDecodeError, csv.Error):
+        last = {}
+    status = last.get("status") or "no metrics.csv"
+    if status == "failed":
+        trace = run_path / results.ERROR_FILE
+        where = f": its traceback is in {trace}" if trace.is_file() else ""
+        raise ConfigError(
+            f"run {run_id} failed ({last.get('error') or 'no error recorded'}); "
+            f"nothing to show{where}"
+        )
+    if status not in results.DONE_STATUSES:
+        epoch = f", epoch {last['epoch']}" if last.get("epoch") else ""
+        raise ConfigError(f"run {run_id} has not finished ({status}{epoch}); nothing to show yet")
 
 
 def _unknown(results_dir: Path, run_id: str) -> str:

@@ -371,6 +371,7 @@ def test_norm_config_files_compose_and_build(path):
 
 
 _FLAGS = ("affine", "track_running_stats", "learned_eps")
+_FEATURES_ONLY = ("learned_eps",)  # FRN learns eps on (N, C) features only, never on maps
 _ALTERNATIVES = {
     "virtual_batch_size": 3,  # the test's batch of 6: two virtual batches instead of one
     "learned_eps": None,
@@ -393,11 +394,11 @@ def test_every_setting_of_a_norm_changes_its_layer(name: str) -> None:
     """A norm's schema holds only what it reads: each field is part of the run's identity,
     so each must change the layer it builds, or the conv before it (weight standardization);
     freeze acts on the model: see test_models."""
-    spatial = True
     settings = {f.name for f in fields(norms.get_norm_spec(name).settings)} - {"name", "freeze"}
     assert settings <= set(_ALTERNATIVES)
-    x = torch.randn(6, 6, 4, 4)
     for field_name in settings:
+        spatial = field_name not in _FEATURES_ONLY
+        x = torch.randn(6, 6, 4, 4) if spatial else torch.randn(6, 6)
         # momentum matters only with running statistics (instance norm's default is without)
         tracks = field_name == "momentum" and "track_running_stats" in settings
         base = {"track_running_stats": True} if tracks else {}
@@ -406,8 +407,9 @@ def test_every_setting_of_a_norm_changes_its_layer(name: str) -> None:
         layers = []
         for cfg in (norm_cfg(name, **base), norm_cfg(name, **base, **changed)):
             torch.manual_seed(0)
-            conv = norms.get_weight_layers(cfg).conv(6, 6, 1)
-            layer = nn.Sequential(conv, norms.get_norm_layer(cfg, spatial)(6))
+            weights = norms.get_weight_layers(cfg)
+            before = weights.conv(6, 6, 1) if spatial else weights.linear(6, 6)
+            layer = nn.Sequential(before, norms.get_norm_layer(cfg, spatial)(6))
             layers.append((repr(layer), layer.state_dict().keys(), layer(x)))
         (repr_a, keys_a, out_a), (repr_b, keys_b, out_b) = layers
         assert repr_a != repr_b or keys_a != keys_b or not torch.equal(out_a, out_b), field_name

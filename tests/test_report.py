@@ -38,9 +38,10 @@ from normbench.results import (
     flat_config,
 )
 
-CONFIG = {k: v for k, v in flat_config(compose_config()).items() if k not in KEY_COLUMNS}
+EPOCHS = 3  # every run's metrics.csv has this many rows, as its setting `epochs` says
+CONFIG = {k: v for k, v in flat_config(compose_config([f"epochs={EPOCHS}"])).items()
+          if k not in KEY_COLUMNS}  # fmt: skip
 COLUMNS = [*KEY_COLUMNS, *METRIC_COLUMNS, *CONFIG]
-EPOCHS = 3
 
 # Final val_acc of a run = BASE[norm][lr] + OFFSET[norm][seed]; diverged runs listed apart.
 LRS = (0.01, 0.1, 1.0)
