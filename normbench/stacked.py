@@ -55,6 +55,7 @@ from normbench.models import build_model, init_paired
 from normbench.stacked_layers import (
     StackedBatchNorm,
     StackedBatchRenorm,
+    StackedGhostBatchNorm,
     StackedNet,
     StackedReferenceBatchNorm,
     unsupported_module,
@@ -65,7 +66,12 @@ from normbench.train import EpochStats, pick_device
 Tensors = tuple[Tensor, Tensor]
 T = TypeVar("T")
 
-_BATCH_NORM_STACKS = (StackedBatchNorm, StackedReferenceBatchNorm, StackedBatchRenorm)
+_BATCH_NORM_STACKS = (
+    StackedBatchNorm,
+    StackedReferenceBatchNorm,
+    StackedBatchRenorm,
+    StackedGhostBatchNorm,
+)
 EVAL_BATCH = 1024  # examples per member in each evaluation step
 
 
