@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from normbench.datasets import DataSplits, load_dataset
 from normbench.frn import FilterResponseNorm
 from normbench.ghost_batchnorm import GhostBatchNorm
 from normbench.models import lenet
@@ -26,8 +27,10 @@ from normbench.stacked_layers import (
     unsupported_module,
 )
 from normbench.weight_std import WSConv2d, WSLinear
+from tests.test_stacked import close, members, single_run, stacked_run
 
 K, B, C, HW = 3, 10, 4, 3
+STEPS_FLOAT64 = 5  # ghost pairs on features: steps agreeing to 1e-9 in float64 (seen: 2e-11)
 
 
 def _templates(make) -> list[nn.Module]:
@@ -180,3 +183,39 @@ def test_a_net_with_frn_learning_eps_on_some_layers_only():
         named = dict(stacked.named_parameters())
         for name, p in single.named_parameters():
             torch.testing.assert_close(named[name].grad[k], p.grad, msg=name)
+
+
+# -- ghost batch norm over pairs on dense layers, in the trainer ----------------------------
+
+
+def _float64(data: DataSplits) -> DataSplits:
+    def cast(split):
+        return None if split is None else (split[0].double(), split[1])
+
+    return DataSplits(
+        cast(data.train), cast(data.val), cast(data.test), data.input_shape, data.num_outputs,
+        data.task,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("model", ["mlp", "ioffe_mlp", "lenet"])
+def test_ghost_pairs_on_dense_layers_train_as_single_runs_in_float64(model):
+    """Virtual batches of 2 on (N, F) features normalize each pair to about +-1, with slopes
+    up to 1/sqrt(eps) where a pair's two values are close: training is so ill-conditioned
+    that two float64 computations differing by 1e-16 drift apart ~10x per step (float32's
+    1e-7 passes 1e-4 within 3 steps, in test_stacked). The first steps, in float64, still
+    tell a different method (a member's data or statistics mixed up) from rounding."""
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    try:
+        cfgs = members(f"model={model}", "norm=ghost_batch_v2", "batch_size=8")
+        data = {c.seed: _float64(load_dataset(c.dataset, c.seed)) for c in cfgs}
+        _, losses, *_ = stacked_run(cfgs, datasets=data)
+        for k, cfg in enumerate(cfgs):
+            single = single_run(cfg, data=data[cfg.seed])[0]
+            for step in range(STEPS_FLOAT64):
+                assert close(losses[step][k], single[step], 1e-9), (k, step)
+    finally:
+        torch.set_default_dtype(dtype)
+        torch.set_num_threads(threads)
