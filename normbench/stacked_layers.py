@@ -81,6 +81,10 @@ def _flat(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.view(-1)
 
 
+def _cat(tensors: list[Tensor], dim: int) -> Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
+
+
 class StackedLinear(_Stacked):
     def __init__(self, templates: Sequence[nn.Linear]):
         super().__init__(templates, params=("weight", "bias"))
@@ -123,7 +127,7 @@ class StackedWSLinear(StackedLinear):
         super().__init__(templates)
         self.ws_eps = templates[0].ws_eps
 
-    def member_weights(self) -> Tensor:  # rows of all members at once: (K*out, in)
+    def member_weights(self) -> Tensor:  # every member's rows at once, back to (K, out, in)
         return standardize_weight(self.weight.flatten(0, 1), self.ws_eps).view_as(self.weight)
 
 
@@ -371,7 +375,7 @@ class StackedChannelRMSNorm(_StackedNorm):
     def forward(self, x: Tensor) -> Tensor:
         if not self.spatial:  # what the single module says of (N, C) features
             raise ValueError("expected (N, C, H, W) maps, got (N, C) features")
-        members = x.view(x.shape[0], self.K, -1)
+        members = x.reshape(x.shape[0], self.K, -1)
         y = members * torch.rsqrt(members.pow(2).mean(2, keepdim=True) + self.eps)
         y = y.view(x.shape)
         return y if self.weight is None else y * self.weight.view(1, -1, 1, 1)
@@ -391,7 +395,7 @@ class StackedFilterResponseNorm(_StackedNorm):
         k = self.K
         if self.spatial:
             b, _, h, w = x.shape
-            members = x.view(b, k, -1, h, w)
+            members = x.reshape(b, k, -1, h, w)
             nu2 = members.pow(2).mean(dim=(3, 4), keepdim=True)
             shape, member = (1, k, -1, 1, 1), (1, k, 1, 1, 1)
         else:
@@ -442,12 +446,12 @@ class StackedGhostBatchNorm(_StackedNorm):
             n = math.prod(chunks.shape[d] for d in dims)
             means.append(self._per_chunk(mean))
             variances.append(self._per_chunk(var) * n / max(n - 1, 1))
-        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, at)
+        y = _cat(outputs, at)
         if self.weight is not None:
             shape = (1, -1, 1, 1) if self.spatial else (self.K, -1, 1)
             y = y * self.weight.view(shape) + self.bias.view(shape)
         if self.training and self.track_running_stats:
-            mean, var = (torch.cat(stats, at).mean(at) for stats in (means, variances))
+            mean, var = (_cat(stats, at).mean(at) for stats in (means, variances))
             self._update_running_stats(mean.view(self.K, -1), var.view(self.K, -1))
         return y
 
