@@ -56,6 +56,7 @@ from normbench.recurrent import RecurrentNet
 from normbench.stacked_layers import (
     StackedBatchNorm,
     StackedBatchRenorm,
+    StackedGhostBatchNorm,
     StackedNet,
     StackedReferenceBatchNorm,
     unsupported_module,
@@ -67,7 +68,12 @@ from normbench.train import EpochStats, pick_device
 Tensors = tuple[Tensor, Tensor]
 T = TypeVar("T")
 
-_BATCH_NORM_STACKS = (StackedBatchNorm, StackedReferenceBatchNorm, StackedBatchRenorm)
+_BATCH_NORM_STACKS = (
+    StackedBatchNorm,
+    StackedReferenceBatchNorm,
+    StackedBatchRenorm,
+    StackedGhostBatchNorm,
+)
 EVAL_BATCH = 1024  # examples per member in each evaluation step
 
 

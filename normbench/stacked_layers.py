@@ -12,12 +12,18 @@ k's value. Activations travel in two layouts:
   a view (a batch of one with B positions: the same reduction); per-example norms (group,
   layer) move to ``(B, K*F)`` and back. This layout is ~30% faster per step than
   ``(K, B, F)`` on the default MLP (CPU, one thread), where every norm needed a copy.
+  Element-wise norms (FRN) and norms over the features (RMSNorm) work on it in place;
+  ghost batch norm's virtual batches are views ``(K, F, B/V, V)``.
+
+Weight-standardized layers (WSLinear, WSConv2d) standardize each member's weights per output
+channel, then act as the plain stacked layers.
 
 Nothing ever reduces across members, so one member's data (or its NaNs) cannot reach another.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -25,8 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normbench.batch_renorm import BatchRenorm, _ramp
+from normbench.frn import FilterResponseNorm
+from normbench.ghost_batchnorm import GhostBatchNorm
 from normbench.models import Block, Net
 from normbench.reference_batchnorm import BatchNormFunction, ReferenceBatchNorm
+from normbench.rms_norm import ChannelRMSNorm
+from normbench.weight_std import WSConv2d, WSLinear, standardize_weight
 
 # Modules reused as they are: they act per element or per channel.
 _ELEMENTWISE = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.Identity)
@@ -71,14 +81,22 @@ def _flat(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.view(-1)
 
 
+def _cat(tensors: list[Tensor], dim: int) -> Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
+
+
 class StackedLinear(_Stacked):
     def __init__(self, templates: Sequence[nn.Linear]):
         super().__init__(templates, params=("weight", "bias"))
 
     def forward(self, x: Tensor) -> Tensor:  # (K, in, B) -> (K, out, B)
+        weight = self.member_weights()
         if self.bias is None:
-            return torch.bmm(self.weight, x)
-        return torch.baddbmm(self.bias.unsqueeze(2), self.weight, x)
+            return torch.bmm(weight, x)
+        return torch.baddbmm(self.bias.unsqueeze(2), weight, x)
+
+    def member_weights(self) -> Tensor:  # (K, out, in)
+        return self.weight
 
 
 class StackedConv2d(_Stacked):
@@ -88,10 +106,48 @@ class StackedConv2d(_Stacked):
         self.stride, self.padding, self.dilation = t.stride, t.padding, t.dilation
 
     def forward(self, x: Tensor) -> Tensor:  # (B, K*in, H, W) -> (B, K*out, H', W')
-        weight = self.weight.view(-1, *self.weight.shape[2:])
         return F.conv2d(
-            x, weight, _flat(self.bias), self.stride, self.padding, self.dilation, groups=self.K
+            x,
+            self.group_weights(),
+            _flat(self.bias),
+            self.stride,
+            self.padding,
+            self.dilation,
+            groups=self.K,
         )
+
+    def group_weights(self) -> Tensor:  # (K*out, in, kH, kW): the grouped conv's weight
+        return self.weight.flatten(0, 1)
+
+
+class StackedWSLinear(StackedLinear):
+    """WSLinear: each member's weight standardized per output row (``standardize_weight``)."""
+
+    def __init__(self, templates: Sequence[WSLinear]):
+        super().__init__(templates)
+        self.ws_eps = templates[0].ws_eps
+
+    def member_weights(self) -> Tensor:  # every member's rows at once, back to (K, out, in)
+        return standardize_weight(self.weight.flatten(0, 1), self.ws_eps).view_as(self.weight)
+
+
+class StackedWSConv2d(StackedConv2d):
+    """WSConv2d: each member's filters standardized over their fan-in, then a grouped conv."""
+
+    def __init__(self, templates: Sequence[WSConv2d]):
+        super().__init__(templates)
+        self.ws_eps = templates[0].ws_eps
+
+    def group_weights(self) -> Tensor:
+        return standardize_weight(self.weight.flatten(0, 1), self.ws_eps)
+
+
+_LAYERS: dict[type, type] = {
+    nn.Linear: StackedLinear,
+    nn.Conv2d: StackedConv2d,
+    WSLinear: StackedWSLinear,
+    WSConv2d: StackedWSConv2d,
+}
 
 
 class _StackedNorm(_Stacked):
@@ -297,6 +353,120 @@ class StackedLayerNorm(_Stacked):
         return y.transpose(1, 2)
 
 
+class StackedRMSNorm(_StackedNorm):
+    """nn.RMSNorm over the features of (K, F, B): ``x * rsqrt(mean(x^2) + eps) * weight``,
+    the order of ``torch.rms_norm``; ``eps=None`` is the dtype's machine epsilon, as there."""
+
+    def __init__(self, templates: Sequence[nn.RMSNorm], spatial: bool):
+        super().__init__(templates, spatial, params=("weight",))
+
+    def forward(self, x: Tensor) -> Tensor:
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        y = x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + eps)
+        return y if self.weight is None else y * self.weight.unsqueeze(2)
+
+
+class StackedChannelRMSNorm(_StackedNorm):
+    """ChannelRMSNorm: each member's (C, H, W) of each example, as (B, K, C*H*W)."""
+
+    def __init__(self, templates: Sequence[ChannelRMSNorm], spatial: bool):
+        super().__init__(templates, spatial, params=("weight",))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.spatial:  # what the single module says of (N, C) features
+            raise ValueError("expected (N, C, H, W) maps, got (N, C) features")
+        members = x.reshape(x.shape[0], self.K, -1)
+        y = members * torch.rsqrt(members.pow(2).mean(2, keepdim=True) + self.eps)
+        y = y.view(x.shape)
+        return y if self.weight is None else y * self.weight.view(1, -1, 1, 1)
+
+
+class StackedFilterResponseNorm(_StackedNorm):
+    """FilterResponseNorm + TLU, element-wise but for nu2 (per example and channel).
+
+    Maps are seen as (B, K, C, H, W), features as (K, F, B); ``eps_l`` (a scalar per layer in
+    the single module) is (K,) when this layer learns eps, None when it does not.
+    """
+
+    def __init__(self, templates: Sequence[FilterResponseNorm], spatial: bool):
+        super().__init__(templates, spatial, params=("weight", "bias", "tau", "eps_l"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = self.K
+        if self.spatial:
+            b, _, h, w = x.shape
+            members = x.reshape(b, k, -1, h, w)
+            nu2 = members.pow(2).mean(dim=(3, 4), keepdim=True)
+            shape, member = (1, k, -1, 1, 1), (1, k, 1, 1, 1)
+        else:
+            members, nu2 = x, x.pow(2)
+            shape, member = (k, -1, 1), (k, 1, 1)
+        eps = self.eps if self.eps_l is None else self.eps + self.eps_l.abs().view(member)
+        y = self.weight.view(shape) * members * torch.rsqrt(nu2 + eps) + self.bias.view(shape)
+        return torch.maximum(y, self.tau.view(shape)).view(x.shape)
+
+
+class StackedGhostBatchNorm(_StackedNorm):
+    """GhostBatchNorm: each member's batch split into its own consecutive virtual batches.
+
+    Maps (B, K*C, H, W) become (B/V, V, K*C, H, W), as the single module's (B/V, V, C, H, W);
+    features (K, F, B) become (K, F, B/V, V). Member k's virtual batch j is examples
+    j*V..(j+1)*V-1 of its batch; a last, smaller chunk is normalized on its own. Running
+    statistics: the mean over virtual batches of means and unbiased variances, once a batch.
+    """
+
+    def __init__(self, templates: Sequence[GhostBatchNorm], spatial: bool):
+        super().__init__(templates, spatial, **_BN_STATE)
+        t = templates[0]
+        self.momentum, self.track_running_stats = t.momentum, t.track_running_stats
+        self.virtual_batch_size = t.virtual_batch_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training and self.running_mean is not None:
+            flat = x if self.spatial else x.reshape(1, -1, x.shape[2])
+            return F.batch_norm(
+                flat, _flat(self.running_mean), _flat(self.running_var), _flat(self.weight),
+                _flat(self.bias), False, 0.0, self.eps,
+            ).view(x.shape)  # fmt: skip
+        # where the batch is (dim 0 of maps, 2 of features): chunks get (count, V) there
+        at, dims = (0, (1, 3, 4)) if self.spatial else (2, (3,))
+        v = self.virtual_batch_size
+        n_batch = x.shape[at]
+        full = n_batch // v * v
+        parts = [x.narrow(at, 0, full).unflatten(at, (-1, v))] if full else []
+        if full < n_batch:
+            parts.append(x.narrow(at, full, n_batch - full).unsqueeze(at))
+        outputs, means, variances = [], [], []
+        for chunks in parts:
+            if not self.spatial and chunks.shape[-1] < 2:
+                raise ValueError("Expected more than 1 value per channel when training")
+            mean = chunks.mean(dims, keepdim=True)
+            var = chunks.var(dims, correction=0, keepdim=True)
+            outputs.append(((chunks - mean) * torch.rsqrt(var + self.eps)).flatten(at, at + 1))
+            n = math.prod(chunks.shape[d] for d in dims)
+            means.append(self._per_chunk(mean))
+            variances.append(self._per_chunk(var) * n / max(n - 1, 1))
+        y = _cat(outputs, at)
+        if self.weight is not None:
+            shape = (1, -1, 1, 1) if self.spatial else (self.K, -1, 1)
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.training and self.track_running_stats:
+            mean, var = (_cat(stats, at).mean(at) for stats in (means, variances))
+            self._update_running_stats(mean.view(self.K, -1), var.view(self.K, -1))
+        return y
+
+    def _per_chunk(self, stat: Tensor) -> Tensor:
+        """A keepdim statistic as (chunks, K*C) for maps, (K, F, chunks) for features."""
+        return stat.flatten(1) if self.spatial else stat.squeeze(3)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor) -> None:
+        self.num_batches_tracked.add_(1)  # members step together
+        rate = 1.0 / float(self.num_batches_tracked[0]) if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mean, rate)
+        self.running_var.lerp_(var, rate)
+
+
 class StackedDropout(nn.Module):
     """nn.Dropout with each member's mask drawn from its own generator.
 
@@ -334,13 +504,16 @@ _NORMS: dict[type, type] = {
     nn.GroupNorm: StackedGroupNorm,
     nn.InstanceNorm2d: StackedInstanceNorm2d,
     nn.LayerNorm: StackedLayerNorm,
+    nn.RMSNorm: StackedRMSNorm,
+    ChannelRMSNorm: StackedChannelRMSNorm,
+    FilterResponseNorm: StackedFilterResponseNorm,
+    GhostBatchNorm: StackedGhostBatchNorm,
 }
 SUPPORTED_MODULES: tuple[type, ...] = (
     Net,
     Block,
     nn.ModuleList,
-    nn.Linear,
-    nn.Conv2d,
+    *_LAYERS,
     nn.MaxPool2d,
     nn.Dropout,
     *_ELEMENTWISE,
@@ -355,12 +528,19 @@ def unsupported_module(model: nn.Module) -> str | None:
         what = f"its {name or 'model'} is a {kind.__name__}"
         if kind not in SUPPORTED_MODULES:
             return f"{what}, which the stacked engine does not know"
-        if kind is nn.Conv2d and (module.padding_mode != "zeros" or module.groups != 1):
+        if kind in (nn.Conv2d, WSConv2d) and (module.padding_mode != "zeros" or module.groups != 1):
             return f"{what} with a padding_mode or groups the stacked engine does not mirror"
-        if kind is nn.LayerNorm and len(module.normalized_shape) != 1:
+        if kind in (nn.LayerNorm, nn.RMSNorm) and len(module.normalized_shape) != 1:
             return f"{what} over several dims, which the stacked engine does not mirror"
         if kind is nn.LayerNorm and module.bias is None and module.weight is not None:
             return f"{what} without bias, which the stacked engine does not mirror"
+    if isinstance(model, Net):  # these normalize the last dim: on maps, W, not the features
+        for index, block in enumerate(model.blocks[: model.num_conv]):
+            if isinstance(block.norm, nn.LayerNorm | nn.RMSNorm):
+                return (
+                    f"its blocks.{index}.norm is a {type(block.norm).__name__} on feature maps, "
+                    "which the stacked engine does not mirror"
+                )
     return None
 
 
@@ -370,10 +550,7 @@ class StackedBlock(nn.Module):
     def __init__(self, templates: Sequence[Block], spatial: bool, generators):
         super().__init__()
         t = templates[0]
-        if spatial:
-            self.layer = StackedConv2d([b.layer for b in templates])
-        else:
-            self.layer = StackedLinear([b.layer for b in templates])
+        self.layer = _LAYERS[type(t.layer)]([b.layer for b in templates])
         if isinstance(t.norm, nn.Identity):
             self.norm = nn.Identity()
         else:
