@@ -137,7 +137,7 @@ def test_asking_for_diagnostics_does_not_resume_a_checkpoint_without_them(
 ) -> None:
     """A killed run's checkpoint saved without diagnostics: a rerun with diagnostics=true
     starts afresh (diagnostics are not part of the run id) and records them all."""
-    first = run([*tiny, "epochs=2", "keep_checkpoints=true"])
+    first = run([*tiny, "epochs=2", "keep_checkpoints=true", "checkpoint_seconds=0"])
     assert (first.path / results.CHECKPOINT_FILE).exists()
     frame = pd.read_csv(first.path / results.METRICS_FILE)
     frame.assign(status="running").to_csv(first.path / results.METRICS_FILE, index=False)

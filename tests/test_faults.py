@@ -276,13 +276,22 @@ def test_a_group_over_its_memory_cap_is_split(tmp_path: Path) -> None:
     assert sizes == [1, 2, 2]  # one stack of two, one of one
 
 
-def test_a_group_that_cannot_stack_runs_its_members_with_a_notice(tmp_path: Path) -> None:
-    args = ["sweep", "--stack", "norm=frn", "lr=0.05,0.2", *TINY, f"results_dir={tmp_path}"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    assert "not stacked (2 runs one after another)" in result.stderr
-    assert "FilterResponseNorm" in result.stderr
-    assert len(complete_runs(tmp_path)) == 2
+def test_every_norm_and_model_trains_stacked(tmp_path: Path) -> None:
+    """No norm or model falls back to one run after another: each group is one stack."""
+    grid = ["lr=0.05,0.2", *TINY, "batch_size=8", "dataset.limit=96", f"results_dir={tmp_path}"]
+    rnn = [o for o in grid if not o.startswith("model.")] + ["model.cell=rnn,lstm"]
+    for models, norms, settings in (
+        ("mlp,convnet", "glob(*,exclude=[batch_per_step,instance])", grid),
+        ("convnet", "instance", grid),  # instance norm needs feature maps
+        ("rnn", "none,batch,layer,batch_per_step", [*rnn, "dataset=toy_sequence"]),
+    ):
+        args = ["sweep", f"model={models}", f"norm={norms}", *settings]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert "not stacked" not in result.output
+    runs = complete_runs(tmp_path)
+    assert len(runs) == 2 * (2 * 17 + 1 + 8)
+    assert all((frame["stack_size"] == 2).all() for frame in runs.values())
 
 
 def test_a_diverging_member_stops_and_its_group_goes_on(tmp_path: Path) -> None:

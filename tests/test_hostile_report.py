@@ -79,7 +79,7 @@ def test_reference_batch_norm_backward_is_once_differentiable() -> None:
 
 
 def frn_layers(overrides: list[str], shape: tuple[int, ...]) -> list[FilterResponseNorm]:
-    cfg, _ = compose_config(["norm=frn", *overrides])
+    cfg = compose_config(["norm=frn", *overrides])
     net = build_model(cfg.model, cfg.norm, shape, 10)
     return [m for m in net.modules() if isinstance(m, FilterResponseNorm)]
 
@@ -162,7 +162,7 @@ def test_show_of_weights_of_another_shape_names_the_first_mismatch(
     tiny: list[str], tmp_path: Path
 ) -> None:
     results_dir, run_id = finished_run(tiny)  # model.hidden=[32,16]
-    cfg, _ = compose_config([*tiny, "model.hidden=[8,16]"])
+    cfg = compose_config([*tiny, "model.hidden=[8,16]"])
     weights = results_dir / run_id / MODEL_FILE
     save_weights(weights, build_model(cfg.model, cfg.norm, (1, 16, 16), 10))
     err = show(results_dir, run_id, tmp_path)
@@ -176,10 +176,9 @@ def test_show_of_weights_of_another_shape_names_the_first_mismatch(
 def test_show_of_a_failed_run_says_it_failed_with_its_error(
     tiny: list[str], tmp_path: Path
 ) -> None:
-    from normbench.experiment import RunLog
+    from normbench.run_log import RunLog
 
-    cfg, choices = compose_config(tiny)
-    log = RunLog(cfg, choices, "")
+    log = RunLog(compose_config(tiny))
     try:
         raise RuntimeError("boom at step 3\nsecond line")
     except RuntimeError as error:
