@@ -1,25 +1,30 @@
-"""Stacked sweeps: ``--stack`` against one job per run, and against a plain Lightning loop.
+"""Stacked sweeps (the default) against one job per run, and against a plain Lightning loop.
 
-1. The lr_robustness and batch_size presets run four ways side by side, each into a fresh
-   folder: serial, ``--jobs 2``, ``--stack``, ``--stack --jobs 2``. Printed: wall time, the
-   training time inside it (the runs' summed epoch_seconds; for a stack, each group's epochs
-   once), the ratio to ``--jobs 2`` and to serial, and the peak memory of any process of the
-   sweep (max RSS).
+1. Presets, at their defaults (every group of runs that differ in lr and seed trains as one
+   stack) against the same preset with ``--no-stack --jobs 2`` (one job per run, both cores),
+   alternating A B A B ..., each run into a fresh folder: the median wall time of each and the
+   median of the pairwise ratios, with the load average; the training time inside a sweep
+   (its runs' summed epoch_seconds; for a stack, each group's epochs once) and the peak
+   memory of any process of the sweep (max RSS) of the median round.
 2. The 12-run default grid (4 norms x 3 learning rates, toy data, 5 epochs):
-   ``normbench sweep --stack`` against the same 12 runs as a plain PyTorch Lightning
-   ``Trainer`` loop (DataLoader over the same tensors, the same model, one run after another
-   in one process). Both are timed as whole processes, start to exit, imports included; the
-   time the loop spends composing normbench's Hydra configs is left out, as a plain loop
-   would not compose them. Lightning is a bench extra only:
-   ``pip install -e ".[bench]"``; without it that part is skipped.
+   ``normbench sweep`` against the same 12 runs as a plain PyTorch Lightning ``Trainer`` loop
+   (DataLoader over the same tensors, the same model, one run after another in one process),
+   alternating. Both are timed as whole processes, start to exit, imports included; the time
+   the loop spends composing normbench's Hydra configs is left out, as a plain loop would not
+   compose them. Lightning is a bench extra only: ``pip install -e ".[bench]"``; without it
+   that part is skipped.
 
-Run: python bench/bench_stacked.py [--quick]   (--quick: the 12-run grid only)
+Run: python bench/bench_stacked.py [--rounds 3] [--presets lr_robustness,...] [--quick]
+(--quick: the 12-run grid only)
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,13 +33,8 @@ from pathlib import Path
 
 import pandas as pd
 
-MODES = {
-    "serial": [],
-    "--jobs 2": ["--jobs", "2"],
-    "--stack": ["--stack"],
-    "--stack --jobs 2": ["--stack", "--jobs", "2"],
-}
-PRESETS = ["experiment=lr_robustness", "experiment=batch_size"]
+BASELINE = ["--no-stack", "--jobs", "2"]
+PRESETS = ["lr_robustness", "activation_drift", "rnn_norms", "ghost_batch"]  # the MLP presets
 GRID = ["norm=batch,layer,group,none", "lr=0.01,0.1,1.0"]
 # Runs a command and prints the largest resident set of any process it waited for (KiB).
 _PEAK = (
@@ -62,18 +62,28 @@ def sweep(results_dir: Path, flags: list[str], overrides: list[str]) -> dict[str
     return {"wall": wall, "training": training, "peak_mib": int(peak) / 1024, "runs": len(frames)}
 
 
-def compare_modes(preset: str, tmp: Path) -> None:
-    print(f"\n{preset}")
-    folder = preset.split("=")[-1]  # no "=" in a results_dir override's value
-    timings = {name: sweep(tmp / f"{folder}-{i}", flags, [preset])
-               for i, (name, flags) in enumerate(MODES.items())}  # fmt: skip
-    base, jobs2 = timings["serial"]["wall"], timings["--jobs 2"]["wall"]
-    for name, t in timings.items():
+def compare_modes(preset: str, tmp: Path, rounds: int) -> None:
+    """The preset at its defaults (stacked) and with ``--no-stack --jobs 2``, alternating."""
+    print(f"\nexperiment={preset}, {rounds} alternating rounds, load average {_load()}")
+    stacked, baseline = [], []
+    for i in range(rounds):
+        stacked.append(sweep(tmp / f"{preset}-stacked-{i}", [], [f"experiment={preset}"]))
+        baseline.append(sweep(tmp / f"{preset}-alone-{i}", BASELINE, [f"experiment={preset}"]))
+    ratios = [b["wall"] / a["wall"] for a, b in zip(stacked, baseline, strict=True)]
+    for name, timings in (("default (stacked)", stacked), (" ".join(BASELINE), baseline)):
+        walls = [t["wall"] for t in timings]
+        median = sorted(timings, key=lambda t: t["wall"])[len(timings) // 2]
         print(
-            f"  {name:<16} {t['wall']:6.1f} s wall, {t['training']:6.1f} s training, "
-            f"{base / t['wall']:4.2f}x serial, {jobs2 / t['wall']:4.2f}x --jobs 2, "
-            f"peak {t['peak_mib']:.0f} MiB ({t['runs']} runs)"
+            f"  {name:<24} median {statistics.median(walls):6.1f} s wall "
+            f"({', '.join(f'{w:.1f}' for w in walls)}), {median['training']:.1f} s training, "
+            f"peak {median['peak_mib']:.0f} MiB ({median['runs']} runs)"
         )
+    print(f"  stacked is {statistics.median(ratios):.2f}x faster (median of pairwise ratios "
+          f"{', '.join(f'{r:.2f}' for r in ratios)}); load average now {_load()}")
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 LIGHTNING_LOOP = r"""
@@ -116,48 +126,47 @@ print(json.dumps({"composing": composing}))
 """
 
 
-def compare_lightning(tmp: Path, rounds: int = 3) -> None:
-    """``--stack`` and the Lightning loop alternately, ``rounds`` times each: the best of each
-    (the least disturbed by the shared machine) and their ratio, with every round's times."""
-    print(f"\n12-run default grid (4 norms x 3 lr, toy data, 5 epochs), best of {rounds} rounds")
-    plain = sweep(tmp / "grid-serial", [], GRID)
-    print(f"  normbench sweep          {plain['wall']:5.1f} s wall (one round)")
-    lightning = importlib.util.find_spec("lightning") is not None
-    if not lightning:
+def compare_lightning(tmp: Path, rounds: int) -> None:
+    """``normbench sweep`` and the Lightning loop alternately, ``rounds`` times each: the
+    medians, every round's times, and the median of the pairwise ratios."""
+    print(f"\n12-run default grid (4 norms x 3 lr, toy data, 5 epochs), {rounds} rounds, "
+          f"load average {_load()}")
+    if importlib.util.find_spec("lightning") is None:
         print("  Lightning loop: skipped (pip install -e '.[bench]')")
+        return
     stacked, walls = [], []
     for i in range(rounds):
-        stacked.append(sweep(tmp / f"grid-stack-{i}", ["--stack"], GRID))
-        if lightning:
-            start = time.perf_counter()  # as the sweep: the whole process, start to exit
-            done = subprocess.run(
-                [sys.executable, "-c", LIGHTNING_LOOP], check=True, capture_output=True, text=True
-            )
-            timing = json.loads(done.stdout.strip().splitlines()[-1])
-            walls.append({**timing, "wall": time.perf_counter() - start - timing["composing"]})
-    best = min(stacked, key=lambda t: t["wall"])
-    overhead = best["wall"] - best["training"]
-    rounds_text = ", ".join(f"{t['wall']:.1f}" for t in stacked)
-    print(
-        f"  normbench sweep --stack  {best['wall']:5.1f} s wall ({rounds_text}), fixed overhead "
-        f"{overhead:.1f} s ({overhead / best['wall']:.0%} of wall)"
-    )
-    if walls:
-        fastest = min(walls, key=lambda t: t["wall"])
-        rounds_text = ", ".join(f"{t['wall']:.1f}" for t in walls)
-        print(
-            f"  Lightning Trainer loop   {fastest['wall']:5.1f} s wall ({rounds_text}; its imports "
-            f"included, the {fastest['composing']:.1f} s it spent composing normbench's configs "
-            f"not); --stack is {fastest['wall'] / best['wall']:.2f}x faster"
+        stacked.append(sweep(tmp / f"grid-{i}", [], GRID))
+        start = time.perf_counter()  # as the sweep: the whole process, start to exit
+        done = subprocess.run(
+            [sys.executable, "-c", LIGHTNING_LOOP], check=True, capture_output=True, text=True
         )
+        timing = json.loads(done.stdout.strip().splitlines()[-1])
+        walls.append(time.perf_counter() - start - timing["composing"])
+    ours = [t["wall"] for t in stacked]
+    median = sorted(stacked, key=lambda t: t["wall"])[len(stacked) // 2]
+    overhead = median["wall"] - median["training"]
+    ratios = [theirs / mine for mine, theirs in zip(ours, walls, strict=True)]
+    print(
+        f"  normbench sweep          median {statistics.median(ours):5.1f} s wall "
+        f"({', '.join(f'{w:.1f}' for w in ours)}), fixed overhead {overhead:.1f} s\n"
+        f"  Lightning Trainer loop   median {statistics.median(walls):5.1f} s wall "
+        f"({', '.join(f'{w:.1f}' for w in walls)}; composing normbench's configs left out)\n"
+        f"  normbench is {statistics.median(ratios):.2f}x faster (median of pairwise ratios)"
+    )
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--quick", action="store_true", help="the 12-run grid only")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        compare_lightning(Path(tmp))
-        if "--quick" not in sys.argv:
-            for preset in PRESETS:
-                compare_modes(preset, Path(tmp))
+        compare_lightning(Path(tmp), max(args.rounds, 5))
+        if not args.quick:
+            for preset in args.presets.split(","):
+                compare_modes(preset, Path(tmp), args.rounds)
 
 
 if __name__ == "__main__":
