@@ -190,12 +190,29 @@ def launch(args: Sequence[str], multirun: bool = False) -> None:
     """Run the Hydra app as if called as ``normbench [--multirun] ARGS``."""
     argv = ["normbench", *(["--multirun"] if multirun else []), *args]
     _task_errors.clear()
-    with _patched_argv(argv), translate_errors():
-        _hydra_main()
+    try:
+        with _patched_argv(argv), translate_errors():
+            _hydra_main()
+    except (ValueError, RuntimeError) as error:
+        # Optuna's sweeper ended after the last trial without a best one (see _OPTUNA_ENDS);
+        # the jobs' records hold what happened to each, and the sweep's summary follows.
+        if isinstance(error, ConfigError) or not multirun or str(error) not in _OPTUNA_ENDS:
+            raise
+        print(_OPTUNA_ENDS[str(error)], file=sys.stderr)
     if _task_errors:
         raise _task_errors.pop()
 
 
+# Hydra's Optuna sweeper records a job that returns None (every run failed or diverged: see
+# jobs.run_job) as a failed trial and goes on; it then ends with one of these errors, instead
+# of writing the best parameters, when every trial failed, or when the grid sampler's last
+# trial did (it stops the study outside a callback).
+_OPTUNA_ENDS = {
+    "No trials are completed yet.": "no trial ended with a finite objective: no best parameters",
+    "`Study.stop` is supposed to be invoked inside an objective function or a callback.": (
+        "the grid sampler's last trial ended without a finite objective: no best parameters"
+    ),
+}
 # A single run's exception, carried past Hydra (which would print its own banner) to launch().
 _task_errors: list[Exception] = []
 

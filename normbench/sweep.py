@@ -105,6 +105,9 @@ def plan_sweep(args: Sequence[str] | HydraArgs) -> Plan:
         )
         params = [f"{k}={v}" for k, v in (base.hydra.sweeper.get("params") or {}).items()]
         if plan.sweeper not in _GRID_SWEEPERS:
+            for override in parser.parse_overrides([*params, *hydra_args.overrides]):
+                if override.is_sweep_override():
+                    _sweep_values(override)
             with open_dict(base):
                 del base["hydra"]
             shape = check_run(base)
@@ -133,6 +136,21 @@ def _grid(parsed: list) -> dict[str, list[str]]:
         else:
             values[key] = [f"{key}={override.get_value_element_as_str()}"]
     return values
+
+
+def _sweep_values(override) -> list[str]:
+    """The values a sweep override expands to (none for an ``interval()``, which is checked
+    as a search space: low < high, and low > 0 on a log scale)."""
+    line = override.input_line
+    if override.is_interval_sweep():
+        interval = override.value()
+        low, high = interval.start, interval.end
+        if not low < high:
+            raise ConfigError(f"{line}: interval(low, high) needs low < high; got {low}, {high}")
+        if "log" in interval.tags and low <= 0:
+            raise ConfigError(f"{line}: a log-scale interval needs low > 0; got {low}")
+        return []
+    return list(override.sweep_string_iterator())
 
 
 def _check_cells(

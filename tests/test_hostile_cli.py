@@ -1,0 +1,70 @@
+"""Hostile input through the CLI, from an outside review: each case is one clear line and
+exit 2 with nothing written, or a sweep that goes on past a bad trial."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from normbench.cli import app
+
+runner = CliRunner()
+# Optuna's TPE sampler with this seed tries lr=0.1, then lr=1000 (which diverges).
+OPTUNA = ["hydra/sweeper=optuna", "hydra.sweeper.sampler.seed=0", "norm=none"]
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def assert_bad_input(result, expected: str, results_dir: Path | None) -> None:
+    """One line naming what was wrong, exit 2, no traceback, no results folder."""
+    output = result.stdout + result.stderr
+    assert result.exit_code == 2, output
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, output
+    assert expected in result.stderr, output
+    assert "Traceback" not in output
+    assert results_dir is None or not results_dir.exists()
+
+
+def test_optuna_goes_on_past_a_diverging_trial_and_prints_the_best(tiny: list[str]) -> None:
+    # Before: nan made Hydra's Optuna sweeper crash (values told with state FAIL).
+    result = invoke("sweep", *tiny, *OPTUNA, "hydra.sweeper.n_trials=2", "lr=choice(1000,0.1)")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "sweep: 2 jobs" in result.stdout and "│  1 │        1 │" in result.stdout  # ok, diverged
+    assert "best: lr=0.1 (objective" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("sampler", "expected"),
+    [
+        ("tpe", "no trial ended with a finite objective: no best parameters"),
+        ("grid", "the grid sampler's last trial ended without a finite objective"),
+    ],
+)
+def test_optuna_where_every_trial_diverges_ends_with_the_summary(
+    sampler: str, expected: str, tiny: list[str]
+) -> None:
+    optuna = ["hydra/sweeper=optuna", f"hydra/sweeper/sampler={sampler}", "norm=none"]
+    result = invoke("sweep", *tiny, *optuna, "hydra.sweeper.n_trials=1", "lr=choice(1000)")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "sweep: 1 jobs" in result.stdout and "│  0 │        1 │" in result.stdout
+    assert expected in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("search", "expected"),
+    [
+        ("lr=interval(10, 0.001)", "interval(low, high) needs low < high; got 10.0, 0.001"),
+        ("lr=tag(log, interval(0, 1))", "a log-scale interval needs low > 0; got 0.0"),
+    ],
+)
+def test_an_optuna_search_space_is_checked_at_planning(
+    search: str, expected: str, tiny: list[str], results_dir: Path
+) -> None:
+    result = invoke("sweep", *tiny, "hydra/sweeper=optuna", search)
+    assert_bad_input(result, f"error: {search}: {expected}", results_dir)
