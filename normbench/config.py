@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -26,7 +27,7 @@ from normbench.datasets import dataset_schemas
 from normbench.errors import ConfigError, choices_error
 from normbench.models import model_schemas
 from normbench.norms import check_norm, get_norm_spec, norm_names
-from normbench.preflight import check_threads
+from normbench.preflight import check_path_names, check_threads
 from normbench.train import check_optimizer, optimizer_schemas
 
 _RUNTIME = {"identity": False}
@@ -118,6 +119,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.device not in DEVICES:
         raise choices_error("device", cfg.device, DEVICES)
     check_threads(cfg.threads)
+    check_path_names(Path(cfg.results_dir), "results_dir")
     check_norm(cfg.norm)
     check_optimizer(cfg.optimizer)
 

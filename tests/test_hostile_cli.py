@@ -68,3 +68,10 @@ def test_an_optuna_search_space_is_checked_at_planning(
 ) -> None:
     result = invoke("sweep", *tiny, "hydra/sweeper=optuna", search)
     assert_bad_input(result, f"error: {search}: {expected}", results_dir)
+
+
+@pytest.mark.parametrize("command", [["run"], ["sweep", "lr=0.1,1"], ["sweep", "--dry-run"]])
+def test_a_results_dir_name_too_long_is_bad_input(command: list[str], tmp_path: Path) -> None:
+    result = invoke(*command, "epochs=1", f"results_dir={tmp_path / ('x' * 300)}")
+    assert_bad_input(result, "is 300 bytes; this file system allows at most 255", None)
+    assert list(tmp_path.iterdir()) == []
