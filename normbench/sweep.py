@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from hydra.core.object_type import ObjectType
+from hydra.core.override_parser.types import ValueType
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
@@ -132,7 +134,7 @@ def _grid(parsed: list) -> dict[str, list[str]]:
                 "hydra/sweeper=optuna; the basic sweeper takes lists, range(), choice(), glob()"
             )
         if override.is_sweep_override():
-            values[key] = [f"{key}={v}" for v in override.sweep_string_iterator()]
+            values[key] = [f"{key}={v}" for v in _sweep_values(override)]
         else:
             values[key] = [f"{key}={override.get_value_element_as_str()}"]
     return values
@@ -140,7 +142,8 @@ def _grid(parsed: list) -> dict[str, list[str]]:
 
 def _sweep_values(override) -> list[str]:
     """The values a sweep override expands to (none for an ``interval()``, which is checked
-    as a search space: low < high, and low > 0 on a log scale)."""
+    as a search space: low < high, and low > 0 on a log scale); expanding to nothing is an
+    error naming the override (and for ``glob()``, the options it could match)."""
     line = override.input_line
     if override.is_interval_sweep():
         interval = override.value()
@@ -150,7 +153,21 @@ def _sweep_values(override) -> list[str]:
         if "log" in interval.tags and low <= 0:
             raise ConfigError(f"{line}: a log-scale interval needs low > 0; got {low}")
         return []
-    return list(override.sweep_string_iterator())
+    values = list(override.sweep_string_iterator())
+    if values:
+        return values
+    key = override.key_or_group
+    if override.value_type == ValueType.GLOB_CHOICE_SWEEP:
+        options = override.config_loader.get_group_options(key, results_filter=ObjectType.CONFIG)
+        if not options:
+            raise ConfigError(
+                f"{line}: glob() picks options of a config group, and {key} is not one"
+            )
+        raise ConfigError(f"{line} matches no {key} option; choose from: {', '.join(options)}")
+    raise ConfigError(
+        f"{line} expands to no values; range(start, stop, step) counts from start towards stop "
+        "by step, so step must point from start to stop"
+    )
 
 
 def _check_cells(

@@ -75,3 +75,17 @@ def test_a_results_dir_name_too_long_is_bad_input(command: list[str], tmp_path: 
     result = invoke(*command, "epochs=1", f"results_dir={tmp_path / ('x' * 300)}")
     assert_bad_input(result, "is 300 bytes; this file system allows at most 255", None)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("sweep", "expected"),
+    [
+        ("norm=glob(bacth*)", "norm=glob(bacth*) matches no norm option; choose from: batch,"),
+        ("lr=range(1,0.1,0.1)", "lr=range(1,0.1,0.1) expands to no values"),
+        ("lr=glob(*)", "lr=glob(*): glob() picks options of a config group, and lr is not one"),
+    ],
+)
+def test_a_sweep_that_expands_to_nothing_is_bad_input(
+    sweep: str, expected: str, tiny: list[str], results_dir: Path
+) -> None:
+    assert_bad_input(invoke("sweep", *tiny, sweep), expected, results_dir)
