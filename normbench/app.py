@@ -9,6 +9,7 @@ Tests and sweep planning use :func:`compose_job`, the compose API on the same co
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from normbench.config import register_configs, unknown_key_message
+from normbench.config import group_schemas, register_configs, unknown_key_message
 from normbench.errors import ConfigError
 
 CONFIG_MODULE = "normbench.configs"
@@ -278,8 +279,17 @@ def _yaml_message(error: yaml.YAMLError) -> str:
     return f"invalid YAML in {mark.name} line {mark.line + 1}: {problem}"
 
 
+# Hydra's report of an OmegaConf error inside a config file: the file, then OmegaConf's lines.
+_IN_FILE = re.compile(r"In '(?P<file>[^']+)': \w+ raised while composing config:$")
+_FULL_KEY = re.compile(r"^\s*full_key: (?P<key>\S+)$", re.MULTILINE)
+_OBJECT_TYPE = re.compile(r"^\s*object_type=(?P<type>\w+)$", re.MULTILINE)
+
+
 def _one_line(error: BaseException) -> str:
-    message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    message = lines[0]
+    if (found := _IN_FILE.match(message)) and len(lines) > 1:
+        return _in_file_message(found["file"], lines[1].strip(), str(error))
     cause = error.__cause__
     if isinstance(cause, OmegaConfBaseException):
         key = getattr(cause, "full_key", None)
@@ -291,6 +301,17 @@ def _one_line(error: BaseException) -> str:
             return unknown_key_message(key or message.split("'")[1], schema)
         return f"{message}: {detail}"
     return message
+
+
+def _in_file_message(file: str, detail: str, text: str) -> str:
+    """``config model/extra: unknown config key 'model.width'; the chosen model reads: ...``
+    for a key a config file sets that its schema lacks; else the file and OmegaConf's line."""
+    key, typed = _FULL_KEY.search(text), _OBJECT_TYPE.search(text)
+    if key and "not in" in detail:
+        schemas = group_schemas().get(key["key"].split(".")[0], {}).values()
+        schema = next((s for s in schemas if typed and s.__name__ == typed["type"]), None)
+        return f"config {file}: {unknown_key_message(key['key'], schema)}"
+    return f"config {file}: {detail}"
 
 
 @contextmanager

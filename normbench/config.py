@@ -147,9 +147,9 @@ def _check_node(node: DictConfig, schema: type, prefix: str) -> None:
     for key in node:
         if key not in expected:
             raise ConfigError(unknown_key_message(f"{prefix}{key}", schema))
-    for name in expected:
+    for name in (f.name for f in fields(schema)):  # in the schema's order: the first missing
         if name not in node:
-            raise ConfigError(f"config key {prefix}{name!r} is required; it cannot be removed")
+            raise ConfigError(_lacks_message(node, schema, prefix, name))
     if OmegaConf.get_type(node) is not schema:  # an untyped node (a user's YAML): type it
         try:
             OmegaConf.merge(OmegaConf.structured(schema), node)
@@ -159,6 +159,21 @@ def _check_node(node: DictConfig, schema: type, prefix: str) -> None:
     missing = [name for name in expected if OmegaConf.is_missing(node, name)]
     if missing:
         raise ConfigError(f"config key {prefix}{missing[0]!r} has no value; set it")
+
+
+def _lacks_message(node: DictConfig, schema: type, prefix: str, name: str) -> str:
+    """``the norm lacks config key 'norm.affine', which the schema of norm 'batch'
+    requires; ...`` for a key a user's YAML leaves out (or an override removed)."""
+    key = f"{prefix}{name}"
+    group = prefix.rstrip(".")
+    if group in group_schemas():
+        option = node.get("name")
+        return (
+            f"the {group} lacks config key {key!r}, which the schema of {group} {option!r} "
+            f"requires: set it in your {group} YAML, or take the defaults with "
+            f"'- /{group}/{option}@_here_' in its defaults list"
+        )
+    return f"config key {key!r} is required; it cannot be removed"
 
 
 def _check_finite(node: Any, prefix: str) -> None:

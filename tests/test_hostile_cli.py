@@ -89,3 +89,28 @@ def test_a_sweep_that_expands_to_nothing_is_bad_input(
     sweep: str, expected: str, tiny: list[str], results_dir: Path
 ) -> None:
     assert_bad_input(invoke("sweep", *tiny, sweep), expected, results_dir)
+
+
+def test_a_user_yaml_with_an_extra_key_names_the_file_and_the_key(
+    tiny: list[str], results_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    (tmp_path / "conf" / "model" / "extra.yaml").write_text(
+        "defaults:\n  - /model/mlp@_here_\n  - _self_\n\nwidth: 3\n"
+    )
+    result = invoke("run", "--config-dir", str(tmp_path / "conf"), *tiny, "model=extra")
+    expected = "config model/extra: unknown config key 'model.width'; the chosen model reads: "
+    assert_bad_input(result, expected, results_dir)
+
+
+def test_a_user_yaml_missing_a_key_says_which_schema_needs_it(
+    tiny: list[str], results_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "conf" / "norm").mkdir(parents=True)
+    (tmp_path / "conf" / "norm" / "mine.yaml").write_text("name: batch\neps: 1.0e-5\n")
+    result = invoke("run", "--config-dir", str(tmp_path / "conf"), *tiny, "norm=mine")
+    expected = (
+        "the norm lacks config key 'norm.affine', which the schema of norm 'batch' requires: "
+        "set it in your norm YAML, or take the defaults with '- /norm/batch@_here_'"
+    )
+    assert_bad_input(result, expected, results_dir)
