@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from normbench.errors import ConfigError
@@ -51,21 +51,31 @@ def estimate_run_bytes(num_params: int, epochs: int, keep_checkpoints: int = 1) 
 
 
 def check_results_dir(path: Path, needed_bytes: int) -> None:
-    """Create ``path`` if needed, test-write in it, and check it has ``needed_bytes`` free."""
+    """Test-write in ``path`` and check it has ``needed_bytes`` free.
+
+    Folders made for the test are removed again, whether it passes or not: a check that
+    fails, or one that a later check (the data, a claimed run) stops, leaves no empty folder
+    behind; the run's claim creates its folder for good (claims.claim).
+    """
     check_path_names(path, "results_dir")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"results_dir {path} is a file, not a folder")
+    made = [folder for folder in (path, *path.parents) if not folder.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path) as probe:
             probe.write(b"normbench")
             probe.flush()
             os.fsync(probe.fileno())
+        free = shutil.disk_usage(path).free
     except OSError as error:
         raise ConfigError(
             f"cannot write to results_dir {path}: {error.strerror or error}"
         ) from None
-    free = shutil.disk_usage(path).free
+    finally:
+        for folder in made:  # deepest first; one that holds something now is kept
+            with suppress(OSError):
+                folder.rmdir()
     if free < needed_bytes:
         raise ConfigError(
             f"results_dir {path} has {_mib(free)} free; the run needs about {_mib(needed_bytes)}"

@@ -114,3 +114,28 @@ def test_a_user_yaml_missing_a_key_says_which_schema_needs_it(
         "set it in your norm YAML, or take the defaults with '- /norm/batch@_here_'"
     )
     assert_bad_input(result, expected, results_dir)
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_a_run_stopped_by_missing_data_leaves_no_folder(
+    earlier: bool, tiny: list[str], results_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from torchvision.datasets import MNIST
+
+    def offline(self) -> None:
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: no network")
+
+    monkeypatch.setattr(MNIST, "download", offline)
+    if earlier:  # earlier results stay as they were
+        (results_dir / "an-earlier-run").mkdir(parents=True)
+        (results_dir / "an-earlier-run" / "metrics.csv").write_text("run_id\n")
+    args = ["dataset=mnist", "dataset.download=true", f"dataset.root={tmp_path / 'data'}"]
+    result = invoke("run", *tiny, *args)
+    assert result.exit_code == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("error: dataset mnist: download failed")
+    assert result.stderr.count("\n") == 1
+    if earlier:
+        assert [p.name for p in results_dir.iterdir()] == ["an-earlier-run"]
+        assert (results_dir / "an-earlier-run" / "metrics.csv").read_text() == "run_id\n"
+    else:
+        assert not results_dir.exists()
