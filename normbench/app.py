@@ -127,6 +127,15 @@ def parse_args(args: Sequence[str]) -> HydraArgs:
     return parsed
 
 
+def sweep_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides that give several values (``lr=0.1,1``, ``range()``, ``glob()``...)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with translate_errors():
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return [o.input_line for o in parsed if o.is_sweep_override()]
+
+
 def _check_override_text(arg: str) -> None:
     if len(arg) > MAX_OVERRIDE_CHARS:
         raise ConfigError(
@@ -220,7 +229,8 @@ _task_errors: list[Exception] = []
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from normbench.experiment import run_experiment
+    from normbench import results
+    from normbench.experiment import RunClaimedError, run_experiment
     from normbench.jobs import run_job
     from normbench.summary import print_run
 
@@ -231,6 +241,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         return run_job(cfg, choices, overrides, Path(hydra_cfg.runtime.output_dir))
     try:
         print_run(run_experiment(cfg, choices))
+    except RunClaimedError as error:  # the CLI names the process that holds the run
+        if not hasattr(error, "run_path"):
+            error.run_path = Path(cfg.results_dir) / results.run_id(cfg, choices)
+        _task_errors.append(error)
     except Exception as error:
         _task_errors.append(error)
     return None

@@ -112,6 +112,17 @@ def claim(run_path: Path, stale_after: float = STALE_SECONDS) -> Claim | None:
         tmp.unlink(missing_ok=True)
 
 
+def describe_holder(run_path: Path) -> str:
+    """`` (pid 123)``, `` (pid 123 on host h)`` for a foreign host, or '' when no claim is
+    readable: who is training the run at ``run_path``."""
+    holder = _read(run_path / CLAIM_FILE) or {}
+    if "pid" not in holder:
+        return ""
+    host = holder.get("host")
+    where = f" on host {host}" if host and host != socket.gethostname() else ""
+    return f" (pid {holder['pid']}{where})"
+
+
 def _take_over(path: Path, holder: dict[str, Any], tmp: Path, stale_after: float) -> bool:
     """Remove ``holder``'s stale claim at ``path`` unless another taker is at it (then False)."""
     token = holder.get("token")

@@ -3,11 +3,14 @@ exit 2 with nothing written, or a sweep that goes on past a bad trial."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from normbench import claims, results
+from normbench.app import compose_config
 from normbench.cli import app
 
 runner = CliRunner()
@@ -139,3 +142,34 @@ def test_a_run_stopped_by_missing_data_leaves_no_folder(
         assert (results_dir / "an-earlier-run" / "metrics.csv").read_text() == "run_id\n"
     else:
         assert not results_dir.exists()
+
+
+def test_run_with_a_sweep_points_to_sweep(tiny: list[str], results_dir: Path) -> None:
+    expected = "lr=0.1,1 gives several values; normbench run runs one experiment: use normbench "
+    assert_bad_input(invoke("run", *tiny, "lr=0.1,1"), expected, results_dir)
+
+
+def test_jobs_zero_is_one_line(tiny: list[str], results_dir: Path) -> None:
+    result = invoke("sweep", "--jobs", "0", *tiny)
+    assert_bad_input(result, "error: --jobs must be at least 1; got 0", results_dir)
+
+
+def test_a_hydra_flag_after_overrides_works(tiny: list[str], results_dir: Path) -> None:
+    result = invoke("run", "lr=0.5", "--cfg", "job", *tiny)
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert "lr: 0.5" in result.stdout
+    assert not results_dir.exists()
+
+
+def test_a_run_another_process_trains_is_said_in_words(tiny: list[str], results_dir: Path) -> None:
+    cfg, choices = compose_config(tiny)
+    run_id = results.run_id(cfg, choices)
+    held = claims.claim(results_dir / run_id)  # held by this process, alive: not stale
+    assert held is not None
+    result = invoke("run", *tiny)
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"error: run {run_id} is being trained by another process (pid {os.getpid()}); "
+        "wait for it to finish (the run is then complete), or stop that process and run again\n"
+    )
+    held.release()
