@@ -86,13 +86,17 @@ class Plan:
 
 
 def plan_sweep(args: Sequence[str] | HydraArgs) -> Plan:
-    """Compose and check every job of the sweep; bad input raises ConfigError."""
+    """Compose and check every job of the sweep; bad input raises ConfigError.
+
+    ``args.overrides`` becomes what Hydra is to launch (see :func:`_per_cell`)."""
     hydra_args = args if isinstance(args, HydraArgs) else parse_args(args)
     with hydra_context(hydra_args):
         from hydra.core.global_hydra import GlobalHydra
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        given = hydra_args.overrides
+        hydra_args.overrides = _per_cell(parser.parse_overrides(given))  # what Hydra gets
         parsed = parser.parse_overrides(hydra_args.overrides)
         fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
         base, _ = compose_job(fixed, hydra_args, keep_hydra=True)
@@ -107,7 +111,7 @@ def plan_sweep(args: Sequence[str] | HydraArgs) -> Plan:
         )
         params = [f"{k}={v}" for k, v in (base.hydra.sweeper.get("params") or {}).items()]
         if plan.sweeper not in _GRID_SWEEPERS:
-            for override in parser.parse_overrides([*params, *hydra_args.overrides]):
+            for override in parser.parse_overrides([*params, *given]):
                 if override.is_sweep_override():
                     _sweep_values(override)
             with open_dict(base):
@@ -115,7 +119,7 @@ def plan_sweep(args: Sequence[str] | HydraArgs) -> Plan:
             shape = check_run(base)
             plan.needed_bytes = estimate_run_bytes(shape.num_params, base.epochs)
             return plan
-        plan.values = _grid(parser.parse_overrides([*params, *hydra_args.overrides]))
+        plan.values = _grid(parser.parse_overrides([*params, *given]))
         cells = [list(cell) for cell in itertools.product(*plan.values.values())]
         plan.jobs, plan.needed_bytes = _check_cells(parser, cells, hydra_args)
         plan.cells = len(cells)
@@ -168,6 +172,29 @@ def _sweep_values(override) -> list[str]:
         f"{line} expands to no values; range(start, stop, step) counts from start towards stop "
         "by step, so step must point from start to stop"
     )
+
+
+def _per_cell(parsed: list) -> list[str]:
+    """The overrides for Hydra, with a fixed setting inside a swept config group
+    (``dataset.root=DIR`` with ``dataset=mnist,cifar10``) as a sweep of one value: Hydra
+    composes the sweep's own config from the defaults and the fixed overrides, where the
+    setting would meet the default option (the toy dataset has no root); swept, it is applied
+    to each cell, with the cell's option (and checked there, by planning)."""
+    swept = {
+        o.key_or_group
+        for o in parsed
+        if o.is_sweep_override() and not o.is_hydra_override() and o.key_or_group in GROUPS
+    }
+    lines = []
+    for override in parsed:
+        key = override.key_or_group
+        inside = not override.is_sweep_override() and key.split(".")[0] in swept and "." in key
+        plain = not (override.is_add() or override.is_delete() or override.is_force_add())
+        if inside and plain and override.package is None:
+            lines.append(f"{key}=choice({override.input_line.split('=', 1)[1]})")
+        else:
+            lines.append(override.input_line)
+    return lines
 
 
 def _check_cells(

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from normbench import claims, results
 from normbench.app import compose_config
 from normbench.cli import app
+from tests.fake_datasets import trust_fake_cifar10, write_fake_cifar10, write_fake_mnist
 
 runner = CliRunner()
 # Optuna's TPE sampler with this seed tries lr=0.1, then lr=1000 (which diverges).
@@ -173,3 +174,20 @@ def test_a_run_another_process_trains_is_said_in_words(tiny: list[str], results_
         "wait for it to finish (the run is then complete), or stop that process and run again\n"
     )
     held.release()
+
+
+@pytest.mark.parametrize("datasets", ["mnist,fashion_mnist", "mnist,cifar10"])
+def test_a_sweep_over_real_datasets_takes_one_data_folder(
+    datasets: str, tiny: list[str], results_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    root = tmp_path / "data"
+    for kind in ("mnist", "fashion_mnist"):
+        write_fake_mnist(root, kind)
+    write_fake_cifar10(root)
+    trust_fake_cifar10(monkeypatch, root)
+    result = invoke("sweep", "--dry-run", *tiny, f"dataset={datasets}", f"dataset.root={root}")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert "2 jobs on the basic launcher; dry run: nothing was run." in result.stdout
+    for name in datasets.split(","):
+        assert f"dataset={name}" in result.stdout
+    assert not results_dir.exists()
