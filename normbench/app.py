@@ -9,6 +9,7 @@ Tests and sweep planning use :func:`compose_job`, the compose API on the same co
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from normbench.config import register_configs, unknown_key_message
+from normbench.config import group_schemas, register_configs, unknown_key_message
 from normbench.errors import ConfigError
 
 CONFIG_MODULE = "normbench.configs"
@@ -137,6 +138,15 @@ def override_key(override: str) -> str:
         return OverridesParser.create().parse_override(override).key_or_group
 
 
+def sweep_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides that give several values (``lr=0.1,1``, ``range()``, ``glob()``...)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with translate_errors():
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return [o.input_line for o in parsed if o.is_sweep_override()]
+
+
 def _check_override_text(arg: str) -> None:
     if len(arg) > MAX_OVERRIDE_CHARS:
         raise ConfigError(
@@ -207,19 +217,37 @@ def launch(args: Sequence[str], multirun: bool = False) -> None:
     """Run the Hydra app as if called as ``normbench [--multirun] ARGS``."""
     argv = ["normbench", *(["--multirun"] if multirun else []), *args]
     _task_errors.clear()
-    with _patched_argv(argv), translate_errors():
-        _hydra_main()
+    try:
+        with _patched_argv(argv), translate_errors():
+            _hydra_main()
+    except (ValueError, RuntimeError) as error:
+        # Optuna's sweeper ended after the last trial without a best one (see _OPTUNA_ENDS);
+        # the jobs' records hold what happened to each, and the sweep's summary follows.
+        if isinstance(error, ConfigError) or not multirun or str(error) not in _OPTUNA_ENDS:
+            raise
+        print(_OPTUNA_ENDS[str(error)], file=sys.stderr)
     if _task_errors:
         raise _task_errors.pop()
 
 
+# Hydra's Optuna sweeper records a job that returns None (every run failed or diverged: see
+# jobs.run_job) as a failed trial and goes on; it then ends with one of these errors, instead
+# of writing the best parameters, when every trial failed, or when the grid sampler's last
+# trial did (it stops the study outside a callback).
+_OPTUNA_ENDS = {
+    "No trials are completed yet.": "no trial ended with a finite objective: no best parameters",
+    "`Study.stop` is supposed to be invoked inside an objective function or a callback.": (
+        "the grid sampler's last trial ended without a finite objective: no best parameters"
+    ),
+}
 # A single run's exception, carried past Hydra (which would print its own banner) to launch().
 _task_errors: list[Exception] = []
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from normbench.engine import run_experiment
+    from normbench import results
+    from normbench.engine import RunClaimedError, run_experiment
     from normbench.jobs import run_job
     from normbench.summary import print_run
 
@@ -230,6 +258,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         return run_job(cfg, overrides, Path(hydra_cfg.runtime.output_dir))
     try:
         print_run(run_experiment(cfg))
+    except RunClaimedError as error:  # the CLI names the process that holds the run
+        if not hasattr(error, "run_path"):
+            error.run_path = Path(cfg.results_dir) / results.run_id(cfg)
+        _task_errors.append(error)
     except Exception as error:
         _task_errors.append(error)
     return None
@@ -278,8 +310,17 @@ def _yaml_message(error: yaml.YAMLError) -> str:
     return f"invalid YAML in {mark.name} line {mark.line + 1}: {problem}"
 
 
+# Hydra's report of an OmegaConf error inside a config file: the file, then OmegaConf's lines.
+_IN_FILE = re.compile(r"In '(?P<file>[^']+)': \w+ raised while composing config:$")
+_FULL_KEY = re.compile(r"^\s*full_key: (?P<key>\S+)$", re.MULTILINE)
+_OBJECT_TYPE = re.compile(r"^\s*object_type=(?P<type>\w+)$", re.MULTILINE)
+
+
 def _one_line(error: BaseException) -> str:
-    message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    message = lines[0]
+    if (found := _IN_FILE.match(message)) and len(lines) > 1:
+        return _in_file_message(found["file"], lines[1].strip(), str(error))
     cause = error.__cause__
     if isinstance(cause, OmegaConfBaseException):
         key = getattr(cause, "full_key", None)
@@ -291,6 +332,17 @@ def _one_line(error: BaseException) -> str:
             return unknown_key_message(key or message.split("'")[1], schema)
         return f"{message}: {detail}"
     return message
+
+
+def _in_file_message(file: str, detail: str, text: str) -> str:
+    """``config model/extra: unknown config key 'model.width'; the chosen model reads: ...``
+    for a key a config file sets that its schema lacks; else the file and OmegaConf's line."""
+    key, typed = _FULL_KEY.search(text), _OBJECT_TYPE.search(text)
+    if key and "not in" in detail:
+        schemas = group_schemas().get(key["key"].split(".")[0], {}).values()
+        schema = next((s for s in schemas if typed and s.__name__ == typed["type"]), None)
+        return f"config {file}: {unknown_key_message(key['key'], schema)}"
+    return f"config {file}: {detail}"
 
 
 @contextmanager

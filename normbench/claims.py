@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,11 @@ _ATTEMPTS = (
 class Claim:
     """A claim this process holds; a context manager that keeps it fresh and gives it back."""
 
-    def __init__(self, path: Path, token: str, every: float) -> None:
+    def __init__(self, path: Path, token: str, every: float, made: Sequence[Path] = ()) -> None:
         self.path = path
         self.token = token
         self.every = every
+        self.made = list(made)  # folders claim() created, deepest first
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
@@ -48,9 +50,16 @@ class Claim:
         return True
 
     def release(self) -> None:
-        """Give the claim back (if it is still ours)."""
+        """Give the claim back (if it is still ours), and the folders claiming it created if
+        they are empty: a run stopped before writing anything (bad input found once claimed,
+        such as missing data) leaves no empty run folder or results folder."""
         if self._ours():
             self.path.unlink(missing_ok=True)
+            for folder in self.made:
+                try:
+                    folder.rmdir()
+                except OSError:  # it holds something (the run's files, another run)
+                    break
 
     def __enter__(self) -> Claim:
         self._thread.start()
@@ -75,15 +84,22 @@ def claim(run_path: Path, stale_after: float = STALE_SECONDS) -> Claim | None:
     The holder should heartbeat more often than ``stale_after``: used as a context manager,
     the claim refreshes itself every tenth of it.
     """
-    run_path.mkdir(parents=True, exist_ok=True)
     path = run_path / CLAIM_FILE
     mine = _holder()
     tmp = run_path / f".{CLAIM_FILE}.{mine['token']}.claiming"  # not *.tmp: clear_run removes those
-    tmp.write_text(json.dumps(mine))
+    for attempt in range(_ATTEMPTS):
+        made = [folder for folder in (run_path, *run_path.parents) if not folder.exists()]
+        run_path.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.write_text(json.dumps(mine))
+            break
+        except FileNotFoundError:  # a releasing holder removed the empty folder meanwhile
+            if attempt == _ATTEMPTS - 1:
+                raise
     try:
         for _ in range(_ATTEMPTS):
             if _link(tmp, path):
-                return Claim(path, mine["token"], stale_after / 10)
+                return Claim(path, mine["token"], stale_after / 10, made)
             holder = _read(path)
             if holder is None:  # released in the meantime
                 continue
@@ -94,6 +110,17 @@ def claim(run_path: Path, stale_after: float = STALE_SECONDS) -> Claim | None:
         return None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def describe_holder(run_path: Path) -> str:
+    """`` (pid 123)``, `` (pid 123 on host h)`` for a foreign host, or '' when no claim is
+    readable: who is training the run at ``run_path``."""
+    holder = _read(run_path / CLAIM_FILE) or {}
+    if "pid" not in holder:
+        return ""
+    host = holder.get("host")
+    where = f" on host {host}" if host and host != socket.gethostname() else ""
+    return f" (pid {holder['pid']}{where})"
 
 
 def _take_over(path: Path, holder: dict[str, Any], tmp: Path, stale_after: float) -> bool:

@@ -55,23 +55,46 @@ def run(overrides: Overrides = None) -> None:
 
     Example: normbench run model=convnet norm=batch lr=0.1
     """
-    from normbench.app import launch, parse_args
+    from normbench.app import launch, parse_args, sweep_overrides
     from normbench.errors import ConfigError
 
     _spare_imports()
 
     def run_one() -> None:
-        if "--multirun" in parse_args(overrides or []).options:
+        args = parse_args(overrides or [])
+        if "--multirun" in args.options:
             raise ConfigError("normbench run runs one experiment; use normbench sweep for grids")
-        launch(overrides or [])
+        if swept := sweep_overrides(args.overrides):
+            raise ConfigError(
+                f"{swept[0]} gives several values; normbench run runs one experiment: use "
+                f"normbench sweep {swept[0]} for a grid, or quote a value holding a comma "
+                "(key='a,b')"
+            )
+        launch([*args.flags, *args.overrides])  # Hydra's parser wants its flags first
 
     try:
         _guard(run_one)
     except (typer.Exit, KeyboardInterrupt):
         raise
     except Exception as error:  # run_experiment recorded it: status "failed", error.txt
+        if type(error).__name__ == "RunClaimedError":
+            typer.echo(f"error: {_claimed_message(error)}", err=True)
+            raise typer.Exit(1) from None
         typer.echo(f"run failed: {type(error).__name__}: {error}", err=True)
         raise typer.Exit(1) from None
+
+
+def _claimed_message(error: Exception) -> str:
+    """``run <id> is being trained by another process (pid N); wait for it ...``."""
+    from normbench.claims import describe_holder
+
+    run_path = getattr(error, "run_path", None)
+    name = run_path.name if run_path is not None else "this run"
+    holder = describe_holder(run_path) if run_path is not None else ""
+    return (
+        f"run {name} is being trained by another process{holder}; wait for it to finish "
+        "(the run is then complete), or stop that process and run again"
+    )
 
 
 @app.command(context_settings=_HYDRA_ARGS)
@@ -79,7 +102,7 @@ def sweep(
     overrides: Overrides = None,
     jobs: Annotated[
         int,
-        typer.Option("--jobs", "-j", min=1, help="Parallel processes (Hydra's joblib launcher)."),
+        typer.Option("--jobs", "-j", help="Parallel processes (Hydra's joblib launcher)."),
     ] = 1,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the number of jobs and the grid; run nothing.")
@@ -103,6 +126,9 @@ def sweep(
     Example: normbench sweep norm=batch,layer,group,none lr=0.01,0.1,1.0 seed=0,1,2
     Completed runs are skipped (--force reruns them); a failed job does not stop the others.
     """
+    if jobs < 1:  # checked here, not by Typer: its message is a box of five lines
+        typer.echo(f"error: --jobs must be at least 1; got {jobs}", err=True)
+        raise typer.Exit(2)
     from normbench.sweep import run_sweep
 
     _spare_imports()

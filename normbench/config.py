@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -26,6 +27,7 @@ from normbench.datasets import dataset_schemas
 from normbench.errors import ConfigError, choices_error
 from normbench.models import model_schemas
 from normbench.norms import check_norm, get_norm_spec, norm_names
+from normbench.preflight import check_path_names
 from normbench.train import check_optimizer, optimizer_schemas
 
 _RUNTIME = {"identity": False}
@@ -137,6 +139,7 @@ def validate(cfg: DictConfig) -> None:
         raise choices_error("device", cfg.device, DEVICES)
     if cfg.threads < 1:  # whether they fit the cores is the job's check, on its machine
         raise ConfigError(f"threads must be at least 1, got {cfg.threads}")
+    check_path_names(Path(cfg.results_dir), "results_dir")
     check_norm(cfg.norm)
     check_optimizer(cfg.optimizer)
 
@@ -164,9 +167,9 @@ def _check_node(node: DictConfig, schema: type, prefix: str) -> None:
     for key in node:
         if key not in expected:
             raise ConfigError(unknown_key_message(f"{prefix}{key}", schema))
-    for name in expected:
+    for name in (f.name for f in fields(schema)):  # in the schema's order: the first missing
         if name not in node:
-            raise ConfigError(f"config key {prefix}{name!r} is required; it cannot be removed")
+            raise ConfigError(_lacks_message(node, schema, prefix, name))
     if OmegaConf.get_type(node) is not schema:  # an untyped node (a user's YAML): type it
         try:
             OmegaConf.merge(OmegaConf.structured(schema), node)
@@ -176,6 +179,21 @@ def _check_node(node: DictConfig, schema: type, prefix: str) -> None:
     missing = [name for name in expected if OmegaConf.is_missing(node, name)]
     if missing:
         raise ConfigError(f"config key {prefix}{missing[0]!r} has no value; set it")
+
+
+def _lacks_message(node: DictConfig, schema: type, prefix: str, name: str) -> str:
+    """``the norm lacks config key 'norm.affine', which the schema of norm 'batch'
+    requires; ...`` for a key a user's YAML leaves out (or an override removed)."""
+    key = f"{prefix}{name}"
+    group = prefix.rstrip(".")
+    if group in group_schemas():
+        option = node.get("name")
+        return (
+            f"the {group} lacks config key {key!r}, which the schema of {group} {option!r} "
+            f"requires: set it in your {group} YAML, or take the defaults with "
+            f"'- /{group}/{option}@_here_' in its defaults list"
+        )
+    return f"config key {key!r} is required; it cannot be removed"
 
 
 def _check_finite(node: Any, prefix: str) -> None:

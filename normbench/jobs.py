@@ -31,10 +31,12 @@ _MEMBER_KEYS = ("lr", "seed", "stack_members")  # a run's own; a group's
 _watching = threading.Event()  # this process already watches its sweep
 
 
-def run_job(cfg: DictConfig, overrides: list[str], output_dir: Path) -> float:
+def run_job(cfg: DictConfig, overrides: list[str], output_dir: Path) -> float | None:
     """Run (or skip) the job's runs; never raises. Returns the objective for optimizing
     sweepers: the final validation accuracy, or minus the validation loss for regression
-    (nan when the run failed or diverged; the best member's for a stacked group).
+    (the best member's for a stacked group). None when no run has a finite one (failed or
+    diverged): Hydra's Optuna sweeper records a value it cannot cast to float as a failed
+    trial and goes on, whereas nan made it crash (it told Optuna the nan with state FAIL).
 
     Its record holds one entry per run: run_id, lr, seed, status (ok, diverged, stalled,
     failed, skipped, elsewhere), error, objective and the run's own overrides.
@@ -48,7 +50,7 @@ def run_job(cfg: DictConfig, overrides: list[str], output_dir: Path) -> float:
     with suppress(OSError):  # a full disk: the runs' own files say what failed to be written
         results.atomic_write_text(output_dir / JOB_RECORD, json.dumps({"runs": records}))
     objectives = [r["objective"] for r in records if math.isfinite(r["objective"])]
-    return max(objectives, default=math.nan)
+    return max(objectives, default=None)
 
 
 def _record(outcome: Any) -> dict[str, Any]:

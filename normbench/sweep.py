@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from hydra.core.object_type import ObjectType
+from hydra.core.override_parser.types import ValueType
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
@@ -92,13 +94,17 @@ class Plan:
 
 
 def plan_sweep(args: Sequence[str] | HydraArgs) -> Plan:
-    """Compose and check every job of the sweep; bad input raises ConfigError."""
+    """Compose and check every job of the sweep; bad input raises ConfigError.
+
+    ``args.overrides`` becomes what Hydra is to launch (see :func:`_per_cell`)."""
     hydra_args = args if isinstance(args, HydraArgs) else parse_args(args)
     with hydra_context(hydra_args):
         from hydra.core.global_hydra import GlobalHydra
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        given = hydra_args.overrides
+        hydra_args.overrides = _per_cell(parser.parse_overrides(given))  # what Hydra gets
         parsed = parser.parse_overrides(hydra_args.overrides)
         fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
         base = compose_job(fixed, hydra_args, keep_hydra=True)
@@ -113,12 +119,15 @@ def plan_sweep(args: Sequence[str] | HydraArgs) -> Plan:
         )
         params = [f"{k}={v}" for k, v in (base.hydra.sweeper.get("params") or {}).items()]
         if plan.sweeper not in _GRID_SWEEPERS:
+            for override in parser.parse_overrides([*params, *given]):
+                if override.is_sweep_override():
+                    _sweep_values(override)
             with open_dict(base):
                 del base["hydra"]
             shape = check_run(base)
             plan.needed_bytes = estimate_run_bytes(shape.num_params, base.epochs)
             return plan
-        plan.values = _grid(parser.parse_overrides([*params, *hydra_args.overrides]))
+        plan.values = _grid(parser.parse_overrides([*params, *given]))
         cells = [list(cell) for cell in itertools.product(*plan.values.values())]
         plan.jobs, plan.needed_bytes = _check_cells(parser, cells, hydra_args)
         plan.cells = len(cells)
@@ -137,10 +146,63 @@ def _grid(parsed: list) -> dict[str, list[str]]:
                 "hydra/sweeper=optuna; the basic sweeper takes lists, range(), choice(), glob()"
             )
         if override.is_sweep_override():
-            values[key] = [f"{key}={v}" for v in override.sweep_string_iterator()]
+            values[key] = [f"{key}={v}" for v in _sweep_values(override)]
         else:
             values[key] = [f"{key}={override.get_value_element_as_str()}"]
     return values
+
+
+def _sweep_values(override) -> list[str]:
+    """The values a sweep override expands to (none for an ``interval()``, which is checked
+    as a search space: low < high, and low > 0 on a log scale); expanding to nothing is an
+    error naming the override (and for ``glob()``, the options it could match)."""
+    line = override.input_line
+    if override.is_interval_sweep():
+        interval = override.value()
+        low, high = interval.start, interval.end
+        if not low < high:
+            raise ConfigError(f"{line}: interval(low, high) needs low < high; got {low}, {high}")
+        if "log" in interval.tags and low <= 0:
+            raise ConfigError(f"{line}: a log-scale interval needs low > 0; got {low}")
+        return []
+    values = list(override.sweep_string_iterator())
+    if values:
+        return values
+    key = override.key_or_group
+    if override.value_type == ValueType.GLOB_CHOICE_SWEEP:
+        options = override.config_loader.get_group_options(key, results_filter=ObjectType.CONFIG)
+        if not options:
+            raise ConfigError(
+                f"{line}: glob() picks options of a config group, and {key} is not one"
+            )
+        raise ConfigError(f"{line} matches no {key} option; choose from: {', '.join(options)}")
+    raise ConfigError(
+        f"{line} expands to no values; range(start, stop, step) counts from start towards stop "
+        "by step, so step must point from start to stop"
+    )
+
+
+def _per_cell(parsed: list) -> list[str]:
+    """The overrides for Hydra, with a fixed setting inside a swept config group
+    (``dataset.root=DIR`` with ``dataset=mnist,cifar10``) as a sweep of one value: Hydra
+    composes the sweep's own config from the defaults and the fixed overrides, where the
+    setting would meet the default option (the toy dataset has no root); swept, it is applied
+    to each cell, with the cell's option (and checked there, by planning)."""
+    swept = {
+        o.key_or_group
+        for o in parsed
+        if o.is_sweep_override() and not o.is_hydra_override() and o.key_or_group in GROUPS
+    }
+    lines = []
+    for override in parsed:
+        key = override.key_or_group
+        inside = not override.is_sweep_override() and key.split(".")[0] in swept and "." in key
+        plain = not (override.is_add() or override.is_delete() or override.is_force_add())
+        if inside and plain and override.package is None:
+            lines.append(f"{key}=choice({override.input_line.split('=', 1)[1]})")
+        else:
+            lines.append(override.input_line)
+    return lines
 
 
 def _check_cells(

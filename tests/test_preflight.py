@@ -73,13 +73,14 @@ def test_a_results_dir_that_is_a_file_or_under_one_is_refused(tmp_path: Path):
         preflight.check_results_dir(file / "sub", 0)
 
 
-def test_a_results_dir_without_room_is_refused_and_one_with_room_created(tmp_path: Path):
+def test_a_results_dir_without_room_is_refused_and_the_check_leaves_no_folder(tmp_path: Path):
     with pytest.raises(
-        ConfigError, match=f"^results_dir {tmp_path} has .* MiB free; the run needs"
+        ConfigError, match=f"^results_dir {tmp_path}/new/results has .* MiB free; the run needs"
     ):
-        preflight.check_results_dir(tmp_path, 1 << 62)
+        preflight.check_results_dir(tmp_path / "new" / "results", 1 << 62)
+    assert list(tmp_path.iterdir()) == []  # the folders made for the test write are gone
     preflight.check_results_dir(tmp_path / "new" / "results", 1)
-    assert list((tmp_path / "new" / "results").iterdir()) == []  # the test write is gone
+    assert list(tmp_path.iterdir()) == []  # a run's claim creates its folders
 
 
 def test_the_estimate_covers_the_files_a_run_really_writes(tmp_path: Path):
