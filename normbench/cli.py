@@ -80,7 +80,8 @@ def run(overrides: Overrides = None) -> None:
         if type(error).__name__ == "RunClaimedError":
             typer.echo(f"error: {_claimed_message(error)}", err=True)
             raise typer.Exit(1) from None
-        typer.echo(f"run failed: {type(error).__name__}: {error}", err=True)
+        written = type(error).__name__ == "OutputError"  # its message names the file and why
+        typer.echo(f"run failed: {'' if written else type(error).__name__ + ': '}{error}", err=True)
         raise typer.Exit(1) from None
 
 

@@ -32,11 +32,13 @@ class OutputError(Exception):
 
 @contextmanager
 def writing(path: Path) -> Iterator[None]:
-    """Turn an OSError raised inside the block into an OutputError naming ``path``."""
+    """Turn an OSError raised inside the block into an OutputError naming the file that could
+    not be written (``path``, or the file inside it the error names)."""
     try:
         yield
     except OSError as error:
-        raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
+        where = error.filename or path
+        raise OutputError(f"cannot write {where}: {error.strerror or error}") from error
 
 
 def estimate_run_bytes(num_params: int, epochs: int, keep_checkpoints: int = 1) -> int:

@@ -157,6 +157,10 @@ def atomic_writer(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        error.filename = str(path)  # the file a user knows, not its temporary name
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -4,6 +4,7 @@ training, through the CLI or the functions it calls."""
 from __future__ import annotations
 
 import math
+import resource
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +16,7 @@ from normbench.app import compose_config
 from normbench.cli import app
 from normbench.engine import member_configs, run_experiment
 from normbench.run_log import RunLog
+from tests.conftest import TINY, cli
 from tests.fake_datasets import write_fake_mnist
 
 
@@ -100,3 +102,17 @@ def test_a_group_job_has_one_config_per_member(tiny: list[str]) -> None:
     assert [(m.lr, m.seed) for m in members] == [(0.5, 3), (0.05, 4)]
     assert all(m.stack_members == [] for m in members)
     assert len({results.run_id(m) for m in members}) == 2
+
+
+def test_a_run_that_cannot_write_names_the_file(tmp_path: Path) -> None:
+    """Under a 20 KiB file-size limit the first checkpoint does not fit: one line naming it."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 1024, 20 * 1024))
+
+    args = [*TINY, "epochs=2", "checkpoint_seconds=0", f"results_dir={tmp_path / 'r'}"]
+    run_path = tmp_path / "r" / results.run_id(compose_config(args))
+    process = cli("run", *args, cwd=tmp_path, preexec_fn=limit)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 1
+    assert err == f"run failed: cannot write {run_path / results.CHECKPOINT_FILE}: File too large\n"
