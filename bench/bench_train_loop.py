@@ -2,10 +2,12 @@
 
 Same model, data, batch size and optimizer (SGD, the documents' lr), timed side by side in one
 process: epochs of each loop alternate, and the median of several rounds is printed with the
-ratio, so machine noise affects both alike. Ours is ``StackedTrainer([cfg]).train_epoch()``,
+ratios, so machine noise affects all alike. Ours is ``StackedTrainer([cfg]).train_epoch()``,
 what ``normbench run`` trains with. Theirs: document 000 batches a TensorDataset through a
 DataLoader; document 001 reads MNIST through torchvision's dataset class with the usual
 ToTensor + Normalize transforms (tiny files in the real on-disk format: nothing is downloaded).
+The third loop is the plain-model loop normbench used for single runs before it had one engine
+(tests/reference_training.py: index a permutation of tensors held in memory, torch.optim).
 
 Run: python bench/bench_train_loop.py [--rounds 7]
 """
@@ -32,6 +34,7 @@ from normbench.stacked import StackedTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.fake_datasets import write_fake_mnist  # noqa: E402
+from tests.reference_training import train_one_epoch  # noqa: E402
 
 
 def documents_loop(model, optimizer, loss_fn, loader) -> None:
@@ -53,28 +56,31 @@ def elapsed(fn) -> float:
 def compare(name: str, cfg, data: DataSplits, loader, loss_fn, rounds: int) -> None:
     """Time an epoch of each loop over the same examples, alternating; print the medians."""
     trainer = StackedTrainer([cfg], {cfg.seed: data}, "cpu")
-    model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs)
-    init_paired(model, cfg.seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-
-    def ours():
-        trainer.train_epoch()
-
-    def theirs():
-        documents_loop(model, optimizer, loss_fn, loader)
-
-    ours(), theirs()  # warm up
-    t_ours, t_theirs = [], []
-    for _ in range(rounds):
-        t_ours.append(elapsed(ours))
-        t_theirs.append(elapsed(theirs))
-    n_ours = len(data.train[0]) // cfg.batch_size * cfg.batch_size
-    n_theirs = len(loader.dataset)
-    ours_rate = n_ours / statistics.median(t_ours)
-    theirs_rate = n_theirs / statistics.median(t_theirs)
+    models = []
+    for _ in range(2):
+        model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs)
+        init_paired(model, cfg.seed)
+        models.append((model, torch.optim.SGD(model.parameters(), lr=cfg.lr)))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    n = len(data.train[0]) // cfg.batch_size * cfg.batch_size
+    loops = {
+        "normbench": (lambda: trainer.train_epoch(), n),
+        "documents": (lambda: documents_loop(*models[0], loss_fn, loader), len(loader.dataset)),
+        "plain": (
+            lambda: train_one_epoch(*models[1], loss_fn, data.train, cfg.batch_size, generator), n
+        ),
+    }
+    times: dict[str, list[float]] = {name: [] for name in loops}
+    for round_ in range(rounds + 1):  # round 0 warms up
+        for loop, (epoch, _) in loops.items():
+            seconds = elapsed(epoch)
+            if round_:
+                times[loop].append(seconds)
+    rate = {loop: count / statistics.median(times[loop]) for loop, (_, count) in loops.items()}
+    ours = rate["normbench"]
     print(
-        f"{name}: normbench {ours_rate:,.0f} ex/s, documents' loop {theirs_rate:,.0f} ex/s, "
-        f"ratio {ours_rate / theirs_rate:.2f}x (median of {rounds} alternating epochs)"
+        f"{name}: normbench {ours:,.0f} ex/s; {ours / rate['documents']:.2f}x the documents' "
+        f"loop, {ours / rate['plain']:.2f}x the plain-model loop (median of {rounds} rounds)"
     )
 
 

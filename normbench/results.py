@@ -150,7 +150,11 @@ def atomic_writer(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
     if not path.parent.exists():  # a file there: the open below says "Not a directory"
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as error:
+        error.filename = str(path)  # the file a user knows, not its temporary name
+        raise
     try:
         with open(fd, mode, newline=None if "b" in mode else "") as handle:
             yield handle

@@ -63,6 +63,15 @@ def reference(reference_dir: Path) -> dict[str, pd.DataFrame]:
     return complete_runs(reference_dir)
 
 
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pd.DataFrame]:
+    """The grid swept once, uninterrupted, one job per run (--no-stack)."""
+    root = tmp_path_factory.mktemp("alone")
+    out, err = finish(cli("sweep", "--no-stack", *GRID, f"results_dir={root / 'r'}", cwd=root))
+    assert len(complete_runs(root / "r")) == RUNS, err
+    return complete_runs(root / "r")
+
+
 def assert_same(runs: dict[str, pd.DataFrame], reference: dict[str, pd.DataFrame]) -> None:
     assert runs.keys() == reference.keys()
     for run_id, frame in reference.items():
@@ -158,10 +167,11 @@ def test_an_unusable_results_folder_is_refused_before_training(
 
 
 def test_a_killed_parallel_sweep_stops_its_workers_and_resumes_to_the_same_numbers(
-    reference: dict[str, pd.DataFrame], tmp_path: Path
+    alone: dict[str, pd.DataFrame], tmp_path: Path
 ) -> None:
+    """One job per run, so each worker has a second job queued when the sweep is killed."""
     folder = tmp_path / "r"
-    args = ["sweep", "--jobs", "2", *GRID, f"results_dir={folder}"]
+    args = ["sweep", "--no-stack", "--jobs", "2", *GRID, f"results_dir={folder}"]
     process = cli(*args, cwd=tmp_path)
     wait_for(lambda: any(folder.glob(f"*/{results.CHECKPOINT_FILE}")))
     workers = _children(process.pid)
@@ -172,9 +182,9 @@ def test_a_killed_parallel_sweep_stops_its_workers_and_resumes_to_the_same_numbe
     finish(process, 30)  # the workers held its pipes open until they stopped
     finished_in_parallel = complete_runs(folder)
     assert len(finished_in_parallel) < RUNS
-    out, err = finish(cli("sweep", *GRID, f"results_dir={folder}", cwd=tmp_path))
+    out, err = finish(cli("sweep", "--no-stack", *GRID, f"results_dir={folder}", cwd=tmp_path))
     assert "Traceback" not in err
-    assert_same(complete_runs(folder), reference)  # the runs trained in parallel included
+    assert_same(complete_runs(folder), alone)  # the runs trained in parallel included
 
 
 def _children(pid: int) -> list[int]:
@@ -195,16 +205,13 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_stacked_sweep_writes_the_runs_a_per_run_sweep_writes(
-    reference: dict[str, pd.DataFrame], tmp_path: Path
+    reference: dict[str, pd.DataFrame], alone: dict[str, pd.DataFrame]
 ) -> None:
-    folder = tmp_path / "r"
     dry = CliRunner().invoke(app, ["sweep", "--dry-run", *GRID])
     assert "4 jobs in 2 stacked group jobs" in dry.stdout  # stacked by default
     dry = CliRunner().invoke(app, ["sweep", "--no-stack", "--dry-run", *GRID])
     assert "4 jobs on the basic launcher" in dry.stdout
-    result = CliRunner().invoke(app, ["sweep", "--no-stack", *GRID, f"results_dir={folder}"])
-    assert result.exit_code == 0, result.output
-    runs = complete_runs(folder)
+    runs = alone
     assert runs.keys() == reference.keys()  # same run ids, one folder per run
     for run_id, stacked in reference.items():
         alone = runs[run_id]
