@@ -1,15 +1,18 @@
-"""Time `normbench report` on 10,000 synthetic runs against a naive per-file pd.read_csv load.
+"""Time `normbench report` on 10,000 synthetic runs against a naive per-file pd.read_csv load,
+and `normbench report --html` (tables and figures in one page) with the page's size.
 
     python bench/bench_report.py [--runs 10000] [--epochs 5]
 
 Writes the runs (the real metrics.csv columns, with some diverged and failed runs) to a
-temporary folder, then prints both timings and the speed-up side by side.
+temporary folder, then prints both timings and the speed-up side by side, then the HTML
+report's time and size.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import tempfile
 import time
 from dataclasses import asdict
@@ -98,9 +101,20 @@ def main() -> None:
         start = time.perf_counter()
         naive_load(root)
         naive = time.perf_counter() - start
+        page = root / "report.html"
+        start, cpu = time.perf_counter(), time.process_time()
+        report(root, console=Console(file=io.StringIO(), width=200), html=page)
+        with_html, cpu = time.perf_counter() - start, time.process_time() - cpu
+        size = page.stat().st_size
     print(
         f"report on {args.runs} runs: {fast:.2f} s; naive per-file read_csv load alone: "
         f"{naive:.2f} s; speed-up {naive / fast:.1f}x"
+    )
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(
+        f"report --html on {args.runs} runs (every epoch read, figures drawn): "
+        f"{with_html:.2f} s ({cpu:.2f} s of CPU time), {size / 1e6:.2f} MB "
+        f"(load average {load} on {os.cpu_count()} cores)"
     )
 
 

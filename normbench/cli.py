@@ -169,8 +169,22 @@ def report(
     diagnostics: Annotated[
         bool, typer.Option("--diagnostics", help="Summarize diagnostics.csv files instead.")
     ] = False,
+    html: Annotated[
+        Path | None,
+        typer.Option(help="Write every table and figure as one self-contained HTML FILE."),
+    ] = None,
+    tensorboard: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write every run's metrics and settings as TensorBoard event files to DIR "
+            '(needs pip install -e ".[tensorboard]").'
+        ),
+    ] = None,
 ) -> None:
     """Summarize results: norm x learning rate, best lr, stability, paired comparison."""
+    import shlex
+    import sys
+
     from normbench.report import report as make_report
 
     try:
@@ -185,9 +199,12 @@ def report(
                 plot_dir=plot,
                 baseline=baseline,
                 diagnostics=diagnostics,
+                html=html,
+                tensorboard=tensorboard,
+                command=shlex.join(["normbench", *sys.argv[1:]]),
             )
         )
-    except OSError as error:  # writing --output or --plot failed: one line, exit 1
+    except OSError as error:  # writing --output, --plot, --html or --tensorboard failed
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
 

@@ -6,8 +6,11 @@ turn summaries into text and figures; only this module knows them all.
 
 from __future__ import annotations
 
+import io
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +39,7 @@ from normbench.report_stats import (
 )
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
     from rich.console import Console
 
 METRICS = (
@@ -55,10 +59,12 @@ MAX_WARNINGS = 20
 INCOMPLETE = "incomplete"  # the left-out status of a run whose metrics.csv lost its last rows
 MAX_IDS = 5  # run ids named in a note before "..."
 FILE_WIDTH = 200  # width of the rich tables written to --output
+HTML_DPI = 80  # the figures inlined in --html: 1,500 px across for 4 panels, half the bytes
 
 
 class WriteError(OSError):
-    """Writing --output or --plot failed: the CLI prints the message and exits 1."""
+    """Writing --output, --plot, --html or --tensorboard failed: the CLI prints the message
+    and exits 1."""
 
 
 def report(
@@ -72,14 +78,20 @@ def report(
     baseline: str | None = None,
     diagnostics: bool = False,
     console: Console | None = None,
+    html: Path | None = None,
+    tensorboard: Path | None = None,
+    command: str = "",
 ) -> None:
     """Summarize every run under ``results_dir`` as tables (``fmt``) and, with ``plot_dir``, PNGs.
 
     Prints to ``console`` or writes ``output``; warnings and notes go to stderr. ``fmt="csv"``
     holds only the main tables (one row per configuration and value of ``by``); the other
-    formats hold every table. Raises ConfigError, before printing anything, for an unknown
-    metric, key, format, --where value or baseline, and for an unusable path; WriteError when
-    writing the output or the figures fails.
+    formats hold every table. ``html``: the same tables, notes and figures as one
+    self-contained page (see report_html; ``command`` is shown in it). ``tensorboard``: every
+    run read as TensorBoard event files (see report_tensorboard). Raises ConfigError, before
+    printing anything, for an unknown metric, key, format, --where value or baseline, for an
+    unusable path and for --tensorboard without TensorBoard installed; WriteError when writing
+    the output, the figures, the page or the event files fails.
     """
     from rich.console import Console
 
@@ -93,10 +105,12 @@ def report(
             "such as lr, batch_size, seed or a setting like norm.eps"
         )
     results_dir, output = Path(results_dir), output and Path(output)
-    plot_dir = plot_dir and Path(plot_dir)
-    _check_paths(results_dir, output, plot_dir)
+    plot_dir, html = plot_dir and Path(plot_dir), html and Path(html)
+    tensorboard = tensorboard and Path(tensorboard)
+    _check_paths(results_dir, output, plot_dir, html, tensorboard)
     console = console or Console()
-    rows, warnings = load_runs(results_dir, last_row_only=plot_dir is None or diagnostics)
+    curves = (plot_dir or html) is not None and not diagnostics
+    rows, warnings = load_runs(results_dir, last_row_only=not (curves or tensorboard))
     _warn(warnings)
     if rows.empty:
         console.print(NO_RESULTS.format(dir=results_dir), markup=False, soft_wrap=True)
@@ -118,25 +132,31 @@ def report(
         *_listed(left_out[left_out["status"].eq("failed")], "failed (counted, never averaged)"),
         *_listed(incomplete, "incomplete (metrics.csv ends before the last epoch)"),
     ]
+    read = runs  # every run read, running ones included (--tensorboard)
     runs = runs[~runs["status"].isin(("running", INCOMPLETE))]  # never in the statistics
-
+    summary: Report | DiagnosticsReport | None = None
     if diagnostics:
         records, warnings = load_diagnostics(runs)
         _warn(warnings)
         if records.empty:
             console.print(NO_DIAGNOSTICS.format(dir=results_dir), markup=False, soft_wrap=True)
-            return
-        recorded = runs[runs["run_id"].isin(records["run_id"])]
-        notes += _counted(recorded[~finished(recorded)], "left out of the diagnostics")
-        _emit(DiagnosticsReport(diagnostics_summary(runs, records), notes), fmt, console, output)
+        else:
+            recorded = runs[runs["run_id"].isin(records["run_id"])]
+            notes += _counted(recorded[~finished(recorded)], "left out of the diagnostics")
+            summary = DiagnosticsReport(diagnostics_summary(runs, records), notes)
+            figures = partial(_diagnostics_figures, runs, records)
+    else:
+        summary = _summary(runs, metric, by, baseline, notes, left_out)
+        figures = partial(_result_figures, runs, rows, metric, by)
+    if summary is not None:
+        _emit(summary, fmt, console, output)
+        drawn = figures() if (plot_dir or html) is not None else {}
         if plot_dir is not None:
-            from normbench.plots import diagnostics_plots
-
-            _plot(plot_dir, lambda: diagnostics_plots(plot_dir, runs, records))
-        return
-    _emit(_summary(runs, metric, by, baseline, notes, left_out), fmt, console, output)
-    if plot_dir is not None:
-        _plot(plot_dir, lambda: _result_plots(plot_dir, runs, rows, metric, by))
+            _plot(plot_dir, drawn)
+        if html is not None:
+            _html(html, summary, drawn, results_dir, len(read), command)
+    if tensorboard is not None:
+        _tensorboard(tensorboard, read, rows[rows[RUN_DIR].isin(read[RUN_DIR])])
 
 
 def _summary(
@@ -226,45 +246,114 @@ def _emit(
         print(f"wrote {output}", file=sys.stderr)
 
 
-def _result_plots(
-    plot_dir: Path, runs: pd.DataFrame, rows: pd.DataFrame, metric: str | None, by: str
-) -> list[Path]:
-    """The figures of each task, in a subfolder per task when there are several."""
-    from normbench.plots import result_plots
+def _result_figures(
+    runs: pd.DataFrame, rows: pd.DataFrame, metric: str | None, by: str
+) -> dict[str, Figure]:
+    """The figures of each task, under a folder per task when there are several."""
+    from normbench.plots import result_figures
 
-    written = []
+    figures = {}
     tasks = runs.groupby("task")
     for task, part in tasks:
-        folder = plot_dir / task if tasks.ngroups > 1 else plot_dir
+        folder = f"{task}/" if tasks.ngroups > 1 else ""
         curves = rows[rows["run_id"].isin(part["run_id"])]
-        written += result_plots(folder, part, curves, metric or default_metric(task), by)
-    return written
+        drawn = result_figures(part, curves, metric or default_metric(task), by)
+        figures |= {folder + name: figure for name, figure in drawn.items()}
+    return figures
 
 
-def _plot(plot_dir: Path, draw: Callable[[], list[Path]]) -> None:
-    """Run ``draw``; a failed write becomes a WriteError naming the file."""
+def _diagnostics_figures(runs: pd.DataFrame, records: pd.DataFrame) -> dict[str, Figure]:
+    from normbench.plots import diagnostics_figures
+
+    return diagnostics_figures(runs, records)
+
+
+def _plot(plot_dir: Path, figures: dict[str, Figure]) -> None:
+    """Save ``figures`` under ``plot_dir``; a failed write becomes a WriteError naming the file."""
+    from normbench.plots import save
+
     try:
-        written = draw()
+        for name, figure in figures.items():
+            path = plot_dir / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save(figure, path)
     except OSError as error:
         where = error.filename or plot_dir
         raise WriteError(f"could not write --plot {plot_dir}: {where}: {error.strerror}") from None
-    print(f"wrote {len(written)} figures to {plot_dir}", file=sys.stderr)
+    print(f"wrote {len(figures)} figures to {plot_dir}", file=sys.stderr)
 
 
-def _check_paths(results_dir: Path, output: Path | None, plot_dir: Path | None) -> None:
-    """Refuse paths that would fail only after the tables were printed."""
+def _html(
+    path: Path,
+    summary: Report | DiagnosticsReport,
+    figures: dict[str, Figure],
+    results_dir: Path,
+    runs: int,
+    command: str,
+) -> None:
+    """Write the report as one self-contained HTML page (see report_html)."""
+    from normbench import __version__
+    from normbench.plots import save
+    from normbench.report_html import Meta, page
+
+    pngs, alts = {}, {}
+    for name, figure in figures.items():
+        buffer = io.BytesIO()
+        save(figure, buffer, dpi=HTML_DPI)
+        pngs[name] = buffer.getvalue()
+        title = figure.get_suptitle() if hasattr(figure, "get_suptitle") else ""
+        alts[name] = " ".join(title.split()) or name
+    made = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    meta = Meta(command or "normbench report", __version__, made, str(results_dir), runs)
+    try:
+        path.write_text(page(summary, pngs, meta, alts), encoding="utf-8")
+    except OSError as error:
+        raise WriteError(f"could not write --html {path}: {error.strerror}") from None
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def _tensorboard(out_dir: Path, runs: pd.DataFrame, rows: pd.DataFrame) -> None:
+    """Write every run read as TensorBoard event files (see report_tensorboard)."""
+    from normbench.report_tensorboard import export
+
+    try:
+        count = export(out_dir, runs, rows)
+    except OSError as error:
+        where = error.filename or out_dir
+        raise WriteError(
+            f"could not write --tensorboard {out_dir}: {where}: {error.strerror}"
+        ) from None
+    print(f"wrote {count} runs to {out_dir} (tensorboard --logdir {out_dir})", file=sys.stderr)
+
+
+def _check_paths(
+    results_dir: Path,
+    output: Path | None,
+    plot_dir: Path | None,
+    html: Path | None = None,
+    tensorboard: Path | None = None,
+) -> None:
+    """Refuse paths (and a missing TensorBoard) that would fail only after the tables were
+    printed."""
     if not results_dir.exists():
         raise ConfigError(f"--results {results_dir} does not exist")
     if not results_dir.is_dir():
         raise ConfigError(f"--results {results_dir} is a file; give the folder of the results")
-    if output is not None and output.is_dir():
-        raise ConfigError(f"--output {output} is a folder; give a file name")
-    if output is not None and not output.parent.is_dir():
-        raise ConfigError(f"--output {output}: {output.parent} is not an existing folder")
-    if plot_dir is not None:
-        existing = next(path for path in (plot_dir, *plot_dir.parents) if path.exists())
-        if not existing.is_dir():
-            raise ConfigError(f"--plot {plot_dir}: {existing} is a file, not a folder")
+    for option, file in (("--output", output), ("--html", html)):
+        if file is not None and file.is_dir():
+            raise ConfigError(f"{option} {file} is a folder; give a file name")
+        if file is not None and not file.parent.is_dir():
+            raise ConfigError(f"{option} {file}: {file.parent} is not an existing folder")
+    for option, folder in (("--plot", plot_dir), ("--tensorboard", tensorboard)):
+        if folder is not None:
+            existing = next(path for path in (folder, *folder.parents) if path.exists())
+            if not existing.is_dir():
+                raise ConfigError(f"{option} {folder}: {existing} is a file, not a folder")
+    if tensorboard is not None:
+        from normbench.report_tensorboard import INSTALL, available
+
+        if not available():
+            raise ConfigError(f"--tensorboard needs TensorBoard, an optional extra: {INSTALL}")
 
 
 def _warn(warnings: list[str]) -> None:

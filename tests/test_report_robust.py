@@ -19,7 +19,10 @@ from normbench.report_render import Report
 from normbench.results import METRICS_FILE
 from tests.test_report import final_runs, run_report, write_diagnostics, write_run
 
-REPORT_MODULES = ("report", "report_load", "report_stats", "report_render", "plots")
+REPORT_MODULES = (
+    "report", "report_load", "report_stats", "report_render", "report_html", "report_tensorboard",
+    "plots",
+)  # fmt: skip
 
 
 def imports(module: str) -> set[str]:
