@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from normbench import checkpoint, results
 from normbench.checks import RunShape, check_run
 from normbench.claims import claim
 from normbench.datasets import DataSplits, load_dataset
+from normbench.diagnostics import Recorder
 from normbench.errors import ConfigError
 from normbench.preflight import (
     OutputError,
@@ -230,16 +232,26 @@ def _train_chunk(
     strict: bool,
 ) -> list[RunResult]:
     """Train one stack to the end; write each member as its own run."""
+    recorder = None
     try:
-        trainer, done, statuses = _resumed_trainer(logs, device, datasets, console)
-        reasons = _epochs(trainer, logs, done, statuses, console)
+        trainer, recorder, done, statuses = _resumed_trainer(logs, device, datasets, console)
+        reasons = _epochs(trainer, recorder, logs, done, statuses, console)
     except Exception as error:  # noqa: BLE001 - every member records it, the job goes on
         return [_failed(log, error, strict) for log in logs]
+    finally:
+        if recorder is not None:
+            recorder.close()
     outcomes = []
     # the first member last: its write removes the stack's checkpoint, as any run's removes its own
     for k, log in reversed(list(enumerate(logs))):
+        diagnostics = partial(recorder.write, k) if recorder is not None else None
         try:
-            log.write(statuses[k], reasons[k], model=trainer.member_module(k))
+            log.write(
+                statuses[k],
+                reasons[k],
+                model=trainer.member_module(k),
+                diagnostics_writer=diagnostics,
+            )
         except OutputError as error:
             if strict:
                 raise
@@ -283,16 +295,18 @@ def _checkpoint_path(logs: Sequence[RunLog]) -> Path:
 
 def _resumed_trainer(
     logs: list[RunLog], device: torch.device, datasets: dict[int, DataSplits], console: Console
-) -> tuple[StackedTrainer, int, list[str]]:
-    """A trainer for the chunk, gone on from its checkpoint when one saved by these same
-    members exists (none of them complete since), with the epochs done and the statuses.
+) -> tuple[StackedTrainer, Recorder | None, int, list[str]]:
+    """A trainer for the chunk (and its diagnostics recorder, with ``diagnostics=true``), gone
+    on from its checkpoint when one saved by these same members exists (none of them complete
+    since; with diagnostics when they are asked for), with the epochs done and the statuses.
 
     A checkpoint that cannot be read is set aside (renamed ``checkpoint.pt.unreadable``, with
     a notice) and training starts afresh.
     """
     cfgs = [log.cfg for log in logs]
     trainer = StackedTrainer(cfgs, datasets, device)
-    fresh = (trainer, 0, ["running"] * len(logs))
+    recorder = _recorder(trainer, logs)
+    fresh = (trainer, recorder, 0, ["running"] * len(logs))
     path = _checkpoint_path(logs)
     if any(results.is_complete(log.path) for log in logs):
         return fresh
@@ -300,7 +314,11 @@ def _resumed_trainer(
         state = checkpoint.load_checkpoint(path)
         if state is None or state["members"] != [log.run_id for log in logs]:
             return fresh
+        if recorder is not None and state.get("diagnostics") is None:
+            return fresh  # saved without the diagnostics now asked for: start afresh
         trainer.load_state(state["trainer"])
+        if recorder is not None:
+            recorder.restore(state["diagnostics"])
         saved = [(s["rows"], s["step"], s["first_loss"]) for s in state["logs"]]
         statuses = list(state["statuses"])
         epoch = int(state["epoch"])
@@ -309,16 +327,30 @@ def _resumed_trainer(
         with writing(aside):
             path.replace(aside)
         console.print(f"{path} cannot be read ({error}); set aside as {aside.name}, from scratch")
-        return StackedTrainer(cfgs, datasets, device), 0, ["running"] * len(logs)
+        if recorder is not None:
+            recorder.close()
+        trainer = StackedTrainer(cfgs, datasets, device)
+        return trainer, _recorder(trainer, logs), 0, ["running"] * len(logs)
     for log, (rows, step, first_loss) in zip(logs, saved, strict=True):
         log.rows, log.step, log.first_loss = rows, step, first_loss
     if not logs[0].cfg.quiet:
         console.print(f"{_name(logs)}: resuming after epoch {epoch} of {logs[0].cfg.epochs}")
-    return trainer, epoch, statuses
+    return trainer, recorder, epoch, statuses
+
+
+def _recorder(trainer: StackedTrainer, logs: Sequence[RunLog]) -> Recorder | None:
+    cfg = logs[0].cfg
+    if not cfg.diagnostics:
+        return None
+    return Recorder(trainer, [log.run_id for log in logs], cfg.diagnostics_every)
 
 
 def _save(
-    trainer: StackedTrainer, logs: list[RunLog], statuses: list[str], epoch: int
+    trainer: StackedTrainer,
+    recorder: Recorder | None,
+    logs: list[RunLog],
+    statuses: list[str],
+    epoch: int,
 ) -> None:
     """Write the members' rows so far (``running``), then the stack's state after ``epoch``."""
     state = {
@@ -327,6 +359,7 @@ def _save(
         "epoch": epoch,
         "statuses": statuses,
         "trainer": trainer.state(),
+        "diagnostics": recorder.state() if recorder is not None else None,
         "logs": [
             {"rows": log.rows, "step": log.step, "first_loss": log.first_loss} for log in logs
         ],
@@ -343,6 +376,7 @@ def _save(
 
 def _epochs(
     trainer: StackedTrainer,
+    recorder: Recorder | None,
     logs: list[RunLog],
     done: int,
     statuses: list[str],
@@ -358,12 +392,17 @@ def _epochs(
         progress.update(task, completed=done * steps)
         for epoch in range(done, cfg.epochs):
             with Timer() as timer:
-                stats = trainer.train_epoch(on_batch=lambda: progress.advance(task))
+                stats = trainer.train_epoch(
+                    on_step=recorder.on_step if recorder is not None else None,
+                    on_batch=lambda: progress.advance(task),
+                )
                 for k in trainer.active_members():
                     if logs[k].diverged(stats[k]):
                         trainer.deactivate(k)
                         statuses[k] = "diverged"
                 val = trainer.evaluate("val")
+                if recorder is not None:  # the members still active: as a run alone
+                    recorder.end_epoch()
             for k, log in enumerate(logs):
                 if stats[k] is not None:  # trained this epoch (a member that diverged included)
                     log.add_epoch(stats[k], val[k], trainer.lr(k), timer.seconds, trainer.K)
@@ -372,7 +411,7 @@ def _epochs(
             if not trainer.active_members():
                 break
             if epoch + 1 < cfg.epochs and time.monotonic() - saved >= cfg.checkpoint_seconds:
-                _save(trainer, logs, statuses, epoch + 1)
+                _save(trainer, recorder, logs, statuses, epoch + 1)
                 saved = time.monotonic()
     has_test = all(trainer.data[int(log.cfg.seed)].test is not None for log in logs)
     test = trainer.evaluate("test") if has_test else [None] * len(logs)

@@ -451,11 +451,14 @@ class StackedTrainer:
         split: str = "val",
         data: Sequence[Tensors] | None = None,
         batch_size: int = EVAL_BATCH,
+        train_modules: Sequence[nn.Module] = (),
     ) -> list[tuple[float, float] | None]:
         """Mean loss and accuracy per member in eval mode, as ``train.evaluate``.
 
         ``data``: one (x, y) per member (all of one length); by default each member's own
         ``split`` ("val" or "test") of its seed's data. None for inactive members.
+        ``train_modules``: modules of the net to run in training mode (diagnostics' batch
+        statistics); the caller restores their state.
         """
         if not self.active:
             return [None] * self.K
@@ -467,6 +470,8 @@ class StackedTrainer:
         if len({len(s[0]) for s in splits}) > 1:
             raise ValueError("stacked evaluation needs every member's data of one length")
         self.net.eval()
+        for module in train_modules:
+            module.train()
         k, n = len(splits), len(splits[0][0])
         classify = splits[0][1].dtype == torch.int64
         loss_sum = torch.zeros(k, device=self.device)
