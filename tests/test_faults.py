@@ -79,20 +79,22 @@ def assert_same(runs: dict[str, pd.DataFrame], reference: dict[str, pd.DataFrame
 
 
 def test_a_terminated_sweep_resumes_to_the_uninterrupted_numbers(
-    reference: dict[str, pd.DataFrame], tmp_path: Path
+    alone: dict[str, pd.DataFrame], tmp_path: Path
 ) -> None:
-    """SIGTERM (Ctrl-C unwinds the same way) at a random moment: often mid-epoch, mid-sweep.
-    SIGKILL: the run and the parallel sweep below."""
+    """SIGTERM (Ctrl-C unwinds the same way) at a random moment: often mid-epoch, mid-sweep
+    (one job per run: a stack of these tiny runs can end before the signal lands).
+    SIGKILL: the run and the parallel sweep below; a stack: test_a_killed_stack_resumes..."""
     folder = tmp_path / "r"
-    process = cli("sweep", *GRID, f"results_dir={folder}", cwd=tmp_path, start_new_session=True)
+    grid = ["--no-stack", *GRID, f"results_dir={folder}"]
+    process = cli("sweep", *grid, cwd=tmp_path, start_new_session=True)
     wait_for(lambda: any(folder.glob(f"*/{results.CHECKPOINT_FILE}")))
     time.sleep(random.Random(0).uniform(0, 0.3))
     os.killpg(process.pid, signal.SIGTERM)
     finish(process, 60)
     assert len(complete_runs(folder)) < RUNS
-    out, err = finish(cli("sweep", *GRID, f"results_dir={folder}", cwd=tmp_path))
+    out, err = finish(cli("sweep", *grid, cwd=tmp_path))
     assert "Traceback" not in err
-    assert_same(complete_runs(folder), reference)
+    assert_same(complete_runs(folder), alone)
     assert not list(folder.rglob("*.tmp"))
     assert not list(folder.rglob(results.CHECKPOINT_FILE))  # removed once runs finish
 
