@@ -1,9 +1,9 @@
-"""Stacked sweeps (issue 9): one epoch of 15 runs (5 lr x 3 seeds) stacked vs one after another.
+"""The stacked trainer: one epoch of 15 runs (5 lr x 3 seeds) as one stack vs one after another.
 
-Side by side in one process, one thread, best of several interleaved repeats: the same 15
-configs trained by normbench.stacked.StackedTrainer (one model) and by train.train_one_epoch
-(15 models, as a sweep runs them one after another). Also prints the stacked group's peak
-memory: how far the resident set rose above its level before the first stacked epoch (Linux;
+Side by side in one process, one thread, the median of several alternating repeats: the same
+15 configs trained by normbench.stacked.StackedTrainer as one stack of 15, and as 15 stacks
+of one, one after another (what ``--no-stack`` trains, and ``normbench run``). Also prints
+the stacked group's peak memory: how far the resident set rose above its level before the first stacked epoch (Linux;
 the allocator reuses memory freed earlier, so a small group can show ~0), and
 stacked.estimate_member_bytes x 15 plus each seed's data (what a group's chunks are budgeted
 with).
@@ -14,24 +14,22 @@ Run: python bench/bench_stacked_engine.py [--repeats 3] [--train-size 2000]
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from normbench.app import compose_config  # noqa: E402
 from normbench.datasets import load_dataset  # noqa: E402
-from normbench.models import build_model, init_paired  # noqa: E402
-from normbench.norms import is_frozen  # noqa: E402
 from normbench.stacked import (  # noqa: E402
     StackedTrainer,
     estimate_data_bytes,
     estimate_member_bytes,
 )
-from tests.reference_training import make_optimizer, train_one_epoch  # noqa: E402
 
 LRS = (0.003, 0.01, 0.03, 0.1, 0.3)
 SEEDS = (0, 1, 2)
@@ -59,27 +57,12 @@ def configs(overrides: list[str], train_size: int):
 
 
 def sequential_runs(cfgs, datasets):
-    """What a sweep does today: build each run as experiment.prepare, then its epoch."""
-    runs = []
-    for cfg in cfgs:
-        data = datasets[cfg.seed]
-        model = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs)
-        init_paired(model, cfg.seed)
-        torch.manual_seed(cfg.seed)
-        optimizer = make_optimizer(model, cfg.optimizer, cfg.lr)
-        runs.append((cfg, model, optimizer, torch.Generator().manual_seed(cfg.seed)))
+    """The runs one after another, each a stack of one (what ``--no-stack`` trains)."""
+    trainers = [StackedTrainer([cfg], datasets={cfg.seed: datasets[cfg.seed]}) for cfg in cfgs]
 
     def epoch():
-        for cfg, model, optimizer, generator in runs:
-            train_one_epoch(
-                model,
-                optimizer,
-                nn.CrossEntropyLoss(),
-                datasets[cfg.seed].train,
-                cfg.batch_size,
-                generator,
-                freeze_norms=is_frozen(cfg.norm),
-            )
+        for trainer in trainers:
+            trainer.train_epoch()
 
     return epoch
 
@@ -114,12 +97,13 @@ def elapsed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--train-size", type=int, default=2000)
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"{len(LRS)} lr x {len(SEEDS)} seeds = {len(LRS) * len(SEEDS)} members, batch 32, "
-          f"{args.train_size} toy examples, 1 thread, best of {args.repeats}")  # fmt: skip
+          f"{args.train_size} toy examples, 1 thread, median of {args.repeats}, "
+          f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
     for name, overrides in CASES.items():
         cfgs = configs(overrides, args.train_size)
         datasets = {seed: load_dataset(cfgs[0].dataset, seed) for seed in SEEDS}
@@ -127,10 +111,12 @@ def main() -> None:
         sequential = sequential_runs(cfgs, datasets)
         memory = peak_rss_increase(trainer.train_epoch)  # also the warm-up
         sequential()
-        t_stacked = t_sequential = float("inf")
+        stacked_times, sequential_times = [], []
         for _ in range(args.repeats):
-            t_stacked = min(t_stacked, elapsed(trainer.train_epoch))
-            t_sequential = min(t_sequential, elapsed(sequential))
+            stacked_times.append(elapsed(trainer.train_epoch))
+            sequential_times.append(elapsed(sequential))
+        t_stacked = statistics.median(stacked_times)
+        t_sequential = statistics.median(sequential_times)
         data = datasets[SEEDS[0]]
         estimate = len(cfgs) * estimate_member_bytes(
             cfgs[0], data.input_shape, data.num_outputs
