@@ -3,8 +3,9 @@
 Side by side in one process, one thread, the median of several alternating repeats: the same
 15 configs trained by normbench.stacked.StackedTrainer as one stack of 15, and as 15 stacks
 of one, one after another (what ``--no-stack`` trains, and ``normbench run``). Also prints
-the stacked group's peak memory: how far the resident set rose above its level before the first stacked epoch (Linux;
-the allocator reuses memory freed earlier, so a small group can show ~0), and
+the stacked group's peak memory: how far the resident set rose above its level before the
+first stacked epoch (Linux; the allocator reuses memory freed earlier, so a small group can
+show ~0), and
 stacked.estimate_member_bytes x 15 plus each seed's data (what a group's chunks are budgeted
 with).
 
