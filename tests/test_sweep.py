@@ -187,3 +187,15 @@ def test_submitit_local_launcher(tiny: list[str], tmp_path: Path) -> None:
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
     assert len(complete_runs(tmp_path / "r")) == 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "launched"),
+    [([], "8 jobs in 2 stacked group jobs"), (["--stack"], "8 jobs in 2 stacked group jobs"),
+     (["--no-stack"], "8 jobs on"), (["stack=false"], "8 jobs on")],
+)  # fmt: skip
+def test_sweeps_stack_by_default(flags: list[str], launched: str, tiny: list[str]) -> None:
+    """Runs differing only in lr and seed are grouped without a flag; --stack is a no-op."""
+    result = sweep("--dry-run", *flags, "norm=batch,none", "lr=0.1,1", "seed=0,1", *tiny)
+    assert result.exit_code == 0, result.stderr
+    assert launched in result.stdout
