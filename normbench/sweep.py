@@ -42,12 +42,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from normbench import results
+from normbench import results, slurm
 from normbench.app import GROUPS, HydraArgs, compose_job, hydra_context, launch, parse_args
 from normbench.checks import check_run, check_setup
 from normbench.config import unknown_key_message, validate
 from normbench.errors import ConfigError
-from normbench.jobs import PARENT_PID_ENV, read_job_records
+from normbench.jobs import PARENT_PID_ENV, parent_id, read_job_records
 from normbench.preflight import check_results_dir, check_threads, estimate_run_bytes
 
 # Launchers that run jobs on this machine: the cores checked are this machine's.
@@ -239,15 +239,38 @@ def run_sweep(
     # Hydra runs the whole grid; a complete job skips itself. Launch nothing when all are.
     if force or plan.jobs is None or not all(job.done_before for job in plan.jobs):
         settings = _job_settings(keys, jobs, force, sweep_dir)
+        if plan.launcher == slurm.LAUNCHER:
+            settings += _slurm_settings(plan, keys, force, stack, sweep_dir)
         with _terminate_as_interrupt(), _watch(sweep_dir, total or None, console), _parent():
             launch([*hydra_args.flags, *overrides, *settings], multirun=True)
-    failed = print_summary(plan, read_job_records(sweep_dir), console)
+    failed = print_summary(plan, _records(plan, sweep_dir, console), console)
     optimized = sweep_dir / "optimization_results.yaml"  # written by optimizing sweepers
     if optimized.is_file():
         best = OmegaConf.load(optimized)
         params = " ".join(f"{k}={v}" for k, v in best.get("best_params", {}).items())
         console.print(f"best: {params} (objective {best.get('best_value')})", highlight=False)
     return failed
+
+
+def _slurm_settings(
+    plan: Plan, keys: set[str], force: bool, stack: bool, sweep_dir: Path
+) -> list[str]:
+    """The SLURM launcher's settings (normbench.slurm); the runs found complete are not
+    submitted (unless forced, or stacked: a group job is not one planned run)."""
+    if not (force or stack or plan.stack) and plan.jobs is not None:
+        slurm.write_skip(sweep_dir, [job.overrides for job in plan.jobs if job.done_before])
+    return slurm.sweep_settings(keys)
+
+
+def _records(plan: Plan, sweep_dir: Path, console: Console) -> list[dict]:
+    """The jobs' records, and on SLURM the scheduler's word on tasks that left none."""
+    records = read_job_records(sweep_dir)
+    if plan.launcher != slurm.LAUNCHER:
+        return records
+    added, lines = slurm.scheduler_records(plan.jobs or [], records, sweep_dir)
+    for line in lines:
+        console.print(line, highlight=False)
+    return records + added
 
 
 def _stacked(plan: Plan, overrides: list[str]) -> tuple[list[str], int]:
@@ -281,7 +304,7 @@ def _distinct(plan: Plan, key: str) -> list[str]:
 def _parent() -> Iterator[None]:
     """Tell local workers which process is the sweep, so they stop when it is killed."""
     previous = os.environ.get(PARENT_PID_ENV)
-    os.environ[PARENT_PID_ENV] = str(os.getpid())
+    os.environ[PARENT_PID_ENV] = parent_id()
     try:
         yield
     finally:
