@@ -78,7 +78,8 @@ def write_skip(sweep_dir: Path, cells: Iterable[Sequence[str]]) -> None:
     (sweep_dir / SKIP_FILE).write_text(json.dumps([sorted(cell_key(c)) for c in cells]))
 
 
-def _read_skip(sweep_dir: Path) -> set[frozenset[str]]:
+def read_skip(sweep_dir: Path) -> set[frozenset[str]]:
+    """The cells :func:`write_skip` wrote (none when it did not)."""
     try:
         return {frozenset(cell) for cell in json.loads((sweep_dir / SKIP_FILE).read_text())}
     except (OSError, ValueError):
@@ -114,7 +115,7 @@ class SlurmArrayLauncher(submitit_launcher.SlurmLauncher):
         assert self.config is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        skip = _read_skip(sweep_dir)
+        skip = read_skip(sweep_dir)
         state = Singleton.get_state()
         job_params = [
             (list(overrides), "hydra.sweep.dir", index, f"job_id_for_{index}", state)
@@ -190,50 +191,54 @@ def _array_id(jobs: Sequence[Any]) -> str:
 def wait(
     jobs: Sequence[Any],
     poll_s: float = 1.0,
-    states_every_s: float = 5.0,
     grace_s: float = 15.0,
     unanswered_s: float = 300.0,
 ) -> dict[str, str]:
     """Wait until every task has a result or has ended without one; returns the latter's
-    states by job id. A task is over when its result file exists, or ``grace_s`` after the
-    scheduler says it ended (or, where only ``squeue`` answers, left the queue) without one.
-    When neither ``sacct`` nor ``squeue`` answers for ``unanswered_s``, stop waiting: the
-    tasks left are reported as such."""
+    states by job id.
+
+    A task is over when its result file exists, or when the controller (``squeue``) no longer
+    has it queued and no result appeared: at once for a state in which a task writes none
+    (cancelled, timed out...), ``grace_s`` later otherwise (a result on a slow shared file
+    system). The states are looked up every 2 s at first, then less often (at most every 30
+    s). When ``squeue`` does not answer for ``unanswered_s``, stop waiting: the tasks left are
+    reported as such.
+    """
     pending = {job.job_id: job for job in jobs}
     ended: dict[str, str] = {}
-    over_since: dict[str, float] = {}
-    answered = checked = time.monotonic()
-    checked -= states_every_s
-    warned = False
+    gone_since: dict[str, float] = {}
+    started = answered = time.monotonic()
+    checked = -math.inf
+    warned: set[str] = set()  # each problem is said once
     while pending:
         for job_id, job in list(pending.items()):
             if job.paths.result_pickle.exists():
                 del pending[job_id]
         now = time.monotonic()
-        if pending and now - checked >= states_every_s:
+        if pending and now - checked >= min(30.0, max(2.0, (now - started) / 10)):
             checked = now
             states, problem = task_states(_array_id(jobs))
-            if problem and not warned:
-                _say(f"cannot read job states from sacct ({problem}); using squeue")
-                warned = True
-            if states is None:
-                if now - answered > unanswered_s:
-                    silence = f"no answer from sacct or squeue for {unanswered_s:.0f} s"
-                    ended.update(dict.fromkeys(pending, silence))
-                    _say(f"stopped waiting: {silence}")
-                    return ended
-            else:
+            if problem and problem not in warned:
+                where = "sacct" if states is not None else "squeue"
+                _say(f"cannot read job states from {where} ({problem}); going on waiting")
+                warned.add(problem)
+            if states is not None:
                 answered = now
                 for job_id in pending:
-                    state = states.get(job_id, "GONE" if problem else "UNKNOWN")
+                    state = states.get(job_id, "GONE")
                     if state.split()[0] in _LIVE:
-                        over_since.pop(job_id, None)
+                        gone_since.pop(job_id, None)
                         continue
-                    over_since.setdefault(job_id, now)
-                    if now - over_since[job_id] >= grace_s:
+                    waited = now - gone_since.setdefault(job_id, now)
+                    if waited >= (grace_s if state in ("GONE", "COMPLETED") else 0):
                         ended[job_id] = _describe(state, problem)
                 for job_id in ended:
                     pending.pop(job_id, None)
+            elif now - answered > unanswered_s:
+                silence = f"no answer from squeue for {unanswered_s:.0f} s"
+                ended.update(dict.fromkeys(pending, silence))
+                _say(f"stopped waiting: {silence}")
+                return ended
         if pending:
             time.sleep(poll_s)
     return ended
@@ -241,23 +246,23 @@ def wait(
 
 def _describe(state: str, problem: str | None) -> str:
     if state == "GONE":
-        return f"left the queue without a result (state unknown: {problem})"
+        why = problem or "sacct does not list it"
+        return f"left the queue without a result (state unknown: {why})"
     return state
 
 
 def task_states(array_id: str) -> tuple[dict[str, str] | None, str | None]:
-    """Each task's state (``5_0`` -> ``CANCELLED by 0``) and why sacct could not say, if it
-    could not: then the states are squeue's (tasks no longer queued are absent), or None when
-    squeue does not answer either."""
+    """Each task's state (``5_0`` -> ``RUNNING``, ``CANCELLED by 0``; absent once it is
+    neither queued nor in the accounting records) and why sacct could not say, if it could
+    not. The queue (squeue) says which tasks are live, sacct how the others ended; None (and
+    squeue's error) when squeue does not answer."""
+    queued = _call(["squeue", "-h", "-r", "-j", array_id, "-o", "%i|%T"])
+    if isinstance(queued, tuple) and "Invalid job id" not in queued[1]:
+        return None, queued[1]  # the controller does not answer (an invalid id: none queued)
     sacct = _call(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", array_id])
-    if isinstance(sacct, str):
-        return _parse_states(sacct), None
-    squeue = _call(["squeue", "-h", "-r", "-j", array_id, "-o", "%i|%T"])
-    if isinstance(squeue, str):
-        return _parse_states(squeue), sacct[1]
-    if "Invalid job id" in squeue[1]:  # squeue no longer knows the array: none is queued
-        return {}, sacct[1]
-    return None, sacct[1]
+    states = _parse_states(sacct) if isinstance(sacct, str) else {}
+    states.update(_parse_states(queued) if isinstance(queued, str) else {})
+    return states, None if isinstance(sacct, str) else sacct[1]
 
 
 def _call(command: list[str]) -> str | tuple[int, str]:

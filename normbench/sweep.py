@@ -241,6 +241,7 @@ def run_sweep(
         settings = _job_settings(keys, jobs, force, sweep_dir)
         if plan.launcher == slurm.LAUNCHER:
             settings += _slurm_settings(plan, keys, force, stack, sweep_dir)
+            total -= _slurm_skipped(plan, sweep_dir)
         with _terminate_as_interrupt(), _watch(sweep_dir, total or None, console), _parent():
             launch([*hydra_args.flags, *overrides, *settings], multirun=True)
     failed = print_summary(plan, _records(plan, sweep_dir, console), console)
@@ -260,6 +261,12 @@ def _slurm_settings(
     if not (force or stack or plan.stack) and plan.jobs is not None:
         slurm.write_skip(sweep_dir, [job.overrides for job in plan.jobs if job.done_before])
     return slurm.sweep_settings(keys)
+
+
+def _slurm_skipped(plan: Plan, sweep_dir: Path) -> int:
+    """The grid cells not submitted (for the progress bar's total)."""
+    skip = slurm.read_skip(sweep_dir)
+    return sum(slurm.cell_key(job.overrides) in skip for job in plan.jobs or [])
 
 
 def _records(plan: Plan, sweep_dir: Path, console: Console) -> list[dict]:

@@ -50,7 +50,10 @@ write_configs() {
     cpus=$(nproc)
     mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))  # 80% in MiB
     mkdir -p "$ETC" "$LOG" /var/lib/slurm/slurmctld /var/lib/slurm/slurmd "$STATE"
+    mkdir -p "$STATE/mysql" "$STATE/munge"
     chown slurm:slurm "$STATE" "$LOG" /var/lib/slurm /var/lib/slurm/slurmctld /var/lib/slurm/slurmd
+    chown mysql:mysql "$STATE/mysql"
+    chown munge:munge "$STATE/munge"
     cat >"$ETC/slurm.conf" <<CONF
 # written by normbench scripts/slurm-cluster.sh
 ClusterName=$CLUSTER
@@ -58,7 +61,7 @@ SlurmctldHost=$HOST
 SlurmUser=slurm
 AuthType=auth/munge
 # a requeued job (a time-out) may start again after this many seconds (default 120)
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 StateSaveLocation=/var/lib/slurm/slurmctld
 SlurmdSpoolDir=/var/lib/slurm/slurmd
 SlurmctldPidFile=$STATE/slurmctld.pid
@@ -99,10 +102,10 @@ CONF
     chmod 600 "$ETC/slurmdbd.conf"
 }
 
-pidfile() {  # where each daemon writes its PID (a folder its own user can write)
+pidfile() {  # where each daemon started here writes its PID (a folder its user can write)
     case $1 in
-        mariadbd) echo /run/mysqld/mariadbd.pid ;;
-        munged) echo /run/munge/munged.pid ;;
+        mariadbd) echo "$STATE/mysql/mariadbd.pid" ;;
+        munged) echo "$STATE/munge/munged.pid" ;;
         *) echo "$STATE/$1.pid" ;;
     esac
 }
@@ -164,18 +167,27 @@ start() {
 }
 
 stop() {
-    # the reverse order; only the daemons whose PID files this script keeps
-    local name file pid
+    # only the daemons whose PID files this script keeps: SIGTERM to all (slurmd first), then
+    # wait up to 30 s for each, SIGKILL for one that is still there
+    local name file pid pids=()
     for name in slurmd slurmctld slurmdbd munged mariadbd; do
         file=$(pidfile "$name")
         [[ -s $file ]] || continue
         pid=$(cat "$file")
         if kill -0 "$pid" 2>/dev/null; then
             kill -TERM "$pid"
-            for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-            kill -0 "$pid" 2>/dev/null && { say "$name ($pid) ignored SIGTERM; SIGKILL"; kill -KILL "$pid"; }
+            pids+=("$name:$pid")
         fi
         rm -f "$file"
+    done
+    local deadline=$((SECONDS + 30))
+    for entry in "${pids[@]}"; do
+        name=${entry%%:*} pid=${entry#*:}
+        while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
+        if kill -0 "$pid" 2>/dev/null; then
+            say "$name ($pid) ignored SIGTERM for 30 s; SIGKILL"
+            kill -KILL "$pid"
+        fi
     done
     say "stopped"
 }

@@ -174,7 +174,7 @@ def test_slurm_unreadable_job_states_do_not_hang_the_sweep(
     subprocess.run(["scancel", "--signal=KILL", task], check=True)  # dies, leaving no result
     rc, output = _finish(process, timeout=90)
     assert rc == 1, output
-    assert output.count("cannot read job states from sacct") == 1
+    assert output.count("cannot read job states from sacct") == 1, output
     assert "left the queue without a result" in output and task in output
     assert "Traceback" not in output
 
@@ -199,3 +199,19 @@ def test_scheduler_states_become_summary_lines(tmp_path: Path) -> None:
         "failed seed=1: OUT_OF_MEMORY (SLURM job 7_1); ask for more with hydra.launcher.mem_gb",
         "missing seed=2: NODE_FAIL (SLURM job 7_2)",
     ]
+
+
+def test_the_watchdog_leaves_tasks_on_another_host_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task on a compute node cannot see the sweep's PID: it must not take it for dead."""
+    import threading
+
+    from normbench import jobs
+
+    monkeypatch.setattr(jobs, "_watching", threading.Event())
+    monkeypatch.setenv(jobs.PARENT_PID_ENV, "another-host:1")
+    jobs.watch_parent()
+    assert not jobs._watching.is_set()
+    monkeypatch.setenv(jobs.PARENT_PID_ENV, "2147483647")  # no host: not a sweep's
+    jobs.watch_parent()
+    assert not jobs._watching.is_set()
+    assert jobs.parent_id().endswith(f":{os.getpid()}")
