@@ -39,6 +39,8 @@ JOB_NAME = "normbench"
 MAX_NUM_TIMEOUT = 3  # requeues after a time-out (submitit's max_num_timeout) unless set
 SKIP_FILE = "skip.json"  # in the sweep folder: the grid cells the plan found complete
 TASKS_DIR = ".scheduler"  # in the sweep folder: one file per task that ended without a result
+# Seconds to wait for a task's result file once it left the queue (a slow shared file system).
+GRACE_ENV = "NORMBENCH_SLURM_GRACE_S"
 # States in which a task may still produce its result (sacct's and squeue's spellings).
 _LIVE = {
     "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "COMPLETING",
@@ -115,6 +117,8 @@ class SlurmArrayLauncher(submitit_launcher.SlurmLauncher):
         assert self.config is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:  # as the parent's launch()
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
         skip = read_skip(sweep_dir)
         state = Singleton.get_state()
         job_params = [
@@ -191,7 +195,7 @@ def _array_id(jobs: Sequence[Any]) -> str:
 def wait(
     jobs: Sequence[Any],
     poll_s: float = 1.0,
-    grace_s: float = 15.0,
+    grace_s: float | None = None,
     unanswered_s: float = 300.0,
 ) -> dict[str, str]:
     """Wait until every task has a result or has ended without one; returns the latter's
@@ -202,8 +206,10 @@ def wait(
     (cancelled, timed out...), ``grace_s`` later otherwise (a result on a slow shared file
     system). The states are looked up every 2 s at first, then less often (at most every 30
     s). When ``squeue`` does not answer for ``unanswered_s``, stop waiting: the tasks left are
-    reported as such.
+    reported as such. ``grace_s`` defaults to ``$NORMBENCH_SLURM_GRACE_S`` or 15.
     """
+    if grace_s is None:
+        grace_s = float(os.environ.get(GRACE_ENV) or 15.0)
     pending = {job.job_id: job for job in jobs}
     ended: dict[str, str] = {}
     gone_since: dict[str, float] = {}
