@@ -225,8 +225,11 @@ def wait(
             checked = now
             states, problem = task_states(_array_id(jobs))
             if problem and problem not in warned:
-                where = "sacct" if states is not None else "squeue"
-                _say(f"cannot read job states from {where} ({problem}); going on waiting")
+                if states is not None:
+                    _say(f"cannot read job states from sacct ({problem}); going by squeue")
+                else:
+                    limit = f"{unanswered_s:.0f} s"
+                    _say(f"squeue does not answer ({problem}); waiting up to {limit} for it")
                 warned.add(problem)
             if states is not None:
                 answered = now

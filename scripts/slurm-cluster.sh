@@ -4,6 +4,7 @@
 #   scripts/slurm-cluster.sh start   # install what is missing (Debian packages), start, wait idle
 #   scripts/slurm-cluster.sh stop    # stop exactly the daemons `start` started (PID files)
 #   scripts/slurm-cluster.sh status
+#   NB_SLURM_ACCOUNTING=0 scripts/slurm-cluster.sh start   # no slurmdbd: sacct cannot answer
 #
 # Needs root and Debian/Ubuntu (apt). No systemd: the daemons run in the background with PID
 # files under $STATE (default /run/normbench-slurm). The cluster is named nbtest; its node is
@@ -11,6 +12,7 @@
 set -euo pipefail
 
 STATE=${NB_SLURM_STATE:-/run/normbench-slurm}
+ACCOUNTING=${NB_SLURM_ACCOUNTING:-1}
 CLUSTER=nbtest
 DBPASS=nbtest-slurmdbd
 PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
@@ -45,6 +47,14 @@ install_missing() {
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+accounting_conf() {
+    if [[ $ACCOUNTING == 0 ]]; then
+        echo "AccountingStorageType=accounting_storage/none"
+    else
+        printf '%s\n' "AccountingStorageType=accounting_storage/slurmdbd" "AccountingStorageHost=localhost"
+    fi
+}
+
 write_configs() {
     local cpus mem
     cpus=$(nproc)
@@ -75,8 +85,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
 DefMemPerCPU=$((mem / cpus))
 MpiDefault=none
-AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=localhost
+$(accounting_conf)
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 ReturnToService=2
@@ -142,12 +151,14 @@ start_munge() {
 }
 
 start_slurm() {
-    if ! running slurmdbd; then
-        slurmdbd
-        wait_for 60 "slurmdbd" sacctmgr -n show cluster
+    if [[ $ACCOUNTING != 0 ]]; then
+        if ! running slurmdbd; then
+            slurmdbd
+            wait_for 60 "slurmdbd" sacctmgr -n show cluster
+        fi
+        sacctmgr -n show cluster format=cluster | grep -qw "$CLUSTER" \
+            || sacctmgr -i add cluster "$CLUSTER" >/dev/null
     fi
-    sacctmgr -n show cluster format=cluster | grep -qw "$CLUSTER" \
-        || sacctmgr -i add cluster "$CLUSTER" >/dev/null
     running slurmctld || slurmctld
     wait_for 60 "slurmctld" scontrol ping
     running slurmd || slurmd
@@ -160,7 +171,7 @@ start() {
     install_missing
     local t1=$SECONDS
     write_configs
-    start_mariadb
+    [[ $ACCOUNTING == 0 ]] || start_mariadb
     start_munge
     start_slurm
     say "up: node $HOST idle (install $((t1 - t0)) s, start $((SECONDS - t1)) s)"

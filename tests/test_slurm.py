@@ -217,3 +217,22 @@ def test_the_watchdog_leaves_tasks_on_another_host_alone(monkeypatch: pytest.Mon
     jobs.watch_parent()
     assert not jobs._watching.is_set()
     assert jobs.parent_id().endswith(f":{os.getpid()}")
+
+
+def test_a_silent_controller_ends_the_wait_after_a_bounded_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Neither squeue nor sacct answers: the wait says so once and gives up, never hangs."""
+    from types import SimpleNamespace
+
+    for name in ("squeue", "sacct"):
+        shim = tmp_path / name
+        shim.write_text("#!/bin/sh\necho 'Unable to contact slurm controller' >&2\nexit 1\n")
+        shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    job = SimpleNamespace(job_id="77_0", paths=SimpleNamespace(result_pickle=tmp_path / "r.pkl"))
+    started = time.monotonic()
+    ended = slurm.wait([job], poll_s=0.05, unanswered_s=1)
+    assert time.monotonic() - started < 10
+    assert ended == {"77_0": "no answer from squeue for 1 s"}
+    assert capsys.readouterr().err.count("squeue does not answer") == 1
