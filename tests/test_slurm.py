@@ -19,7 +19,6 @@ import pytest
 
 from normbench import slurm
 
-TINY = ["epochs=1", "quiet=true", "dataset.limit=240", "model.hidden=[32,16]", "stall_margin=0.0"]
 # A run that trains a few seconds: time to cancel or signal it after its first epoch.
 SLOW = ["epochs=3", "quiet=true", "dataset.train_size=4000", "batch_size=4", "stall_margin=0.0"]
 LAUNCHER = ["hydra/launcher=submitit_slurm", "hydra.launcher.cpus_per_task=1"]
@@ -77,31 +76,7 @@ def _tasks_submitted(results: Path) -> list[str]:
 
 
 @pytest.mark.slurm
-def test_slurm_sweep_names_its_jobs_and_submits_only_unfinished_runs(
-    cluster: None, tmp_path: Path
-) -> None:
-    results = tmp_path / "results"
-    rc, output = _finish(_sweep(results, "norm=batch", *TINY))
-    assert rc == 0, output
-    first = _tasks_submitted(results)
-    rc, output = _finish(_sweep(results, "norm=batch,none", *TINY))
-    assert rc == 0, output
-    assert "Traceback" not in output
-    new = [t for t in _tasks_submitted(results) if t not in first]
-    assert len(new) == 1, new  # the complete norm=batch run was not submitted again
-    assert "submitted 1 task as SLURM job" in output
-    array_id = new[0].split("_")[0]
-    names = subprocess.run(
-        ["sacct", "-X", "-n", "-P", "-o", "JobName", "-j", array_id], capture_output=True, text=True
-    ).stdout.split()
-    assert set(names) == {"normbench"}
-    log = next(results.glob(f".sweeps/*/.submitit/{new[0]}/*_log.out")).read_text()
-    assert "normbench: process up" in log and "Job completed successfully" in log  # not cut off
-    assert "│  1 │" in output  # ok 1 ... skipped 1 (rich table cells)
-
-
-@pytest.mark.slurm
-def test_slurm_cancelled_task_is_a_missing_run_with_its_state(
+def test_slurm_cancelled_task_is_a_missing_run_and_the_rerun_submits_only_it(
     cluster: None, tmp_path: Path
 ) -> None:
     results = tmp_path / "results"
@@ -115,6 +90,19 @@ def test_slurm_cancelled_task_is_a_missing_run_with_its_state(
     assert f"CANCELLED by {os.getuid()} (SLURM job {task})" in output
     missing = [line for line in output.splitlines() if line.startswith("missing")]
     assert len(missing) == 1, output
+    # the rerun submits only the cancelled run (the other is complete), which resumes
+    before = _tasks_submitted(results)
+    rc, output = _finish(_sweep(results, "norm=batch,none", *SLOW))
+    assert rc == 0, output
+    assert "submitted 1 task as SLURM job" in output
+    assert "│  1 │        0 │       0 │      0 │       1 │         0 │       0 │" in output
+    [new] = [t for t in _tasks_submitted(results) if t not in before]
+    names = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-o", "JobName", "-j", new], capture_output=True, text=True
+    ).stdout.split()
+    assert names == ["normbench"]
+    log = next(results.glob(f".sweeps/*/.submitit/{new}/*_log.out")).read_text()
+    assert "normbench: process up" in log and "Job completed successfully" in log  # not cut off
 
 
 @pytest.mark.slurm
