@@ -47,6 +47,8 @@ _LIVE = {
     "CONFIGURING", "SUSPENDED", "RESIZING", "PREEMPTED", "SIGNALING", "STAGE_OUT", "UNKNOWN",
 }  # fmt: skip
 _FAILED = ("FAILED", "OUT_OF_MEMORY")  # the task itself broke: a rerun would break again
+# Ended, but a result may still appear (on a slow shared file system): waited for.
+_MAY_HAVE_RESULT = ("GONE", "COMPLETED", "FAILED")
 
 
 def sweep_settings(keys: set[str]) -> list[str]:
@@ -203,8 +205,8 @@ def wait(
 
     A task is over when its result file exists, or when the controller (``squeue``) no longer
     has it queued and no result appeared: at once for a state in which a task writes none
-    (cancelled, timed out...), ``grace_s`` later otherwise (a result on a slow shared file
-    system). The states are looked up every 2 s at first, then less often (at most every 30
+    (cancelled, timed out, out of memory...), ``grace_s`` later otherwise (a result on a slow
+    shared file system). The states are looked up every 2 s at first, then less often (at most every 30
     s). When ``squeue`` does not answer for ``unanswered_s``, stop waiting: the tasks left are
     reported as such. ``grace_s`` defaults to ``$NORMBENCH_SLURM_GRACE_S`` or 15.
     """
@@ -239,7 +241,7 @@ def wait(
                         gone_since.pop(job_id, None)
                         continue
                     waited = now - gone_since.setdefault(job_id, now)
-                    if waited >= (grace_s if state in ("GONE", "COMPLETED") else 0):
+                    if waited >= (grace_s if state in _MAY_HAVE_RESULT else 0):
                         ended[job_id] = _describe(state, problem)
                 for job_id in ended:
                     pending.pop(job_id, None)
@@ -268,7 +270,7 @@ def task_states(array_id: str) -> tuple[dict[str, str] | None, str | None]:
     queued = _call(["squeue", "-h", "-r", "-j", array_id, "-o", "%i|%T"])
     if isinstance(queued, tuple) and "Invalid job id" not in queued[1]:
         return None, queued[1]  # the controller does not answer (an invalid id: none queued)
-    sacct = _call(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", array_id])
+    sacct = _call(["sacct", "-n", "-P", "-o", "JobID,State", "-j", array_id])
     states = _parse_states(sacct) if isinstance(sacct, str) else {}
     states.update(_parse_states(queued) if isinstance(queued, str) else {})
     return states, None if isinstance(sacct, str) else sacct[1]
@@ -287,12 +289,16 @@ def _call(command: list[str]) -> str | tuple[int, str]:
 
 
 def _parse_states(text: str) -> dict[str, str]:
-    """``JobID|State`` lines; a pending array range (``5_[2-4%2]``) gives each of its tasks."""
+    """``JobID|State`` lines; a pending array range (``5_[2-4%2]``) gives each of its tasks.
+    A task whose step ran out of memory is ``OUT_OF_MEMORY`` (the task itself says FAILED)."""
     from submitit.slurm.slurm import read_job_id
 
     states: dict[str, str] = {}
+    out_of_memory = set()
     for line in text.splitlines():
         job_id, _, state = line.strip().partition("|")
+        if "." in job_id and state.startswith("OUT_OF_MEMORY"):
+            out_of_memory.add(job_id.split(".", 1)[0])
         if not job_id or "." in job_id:
             continue
         for parts in read_job_id(job_id):
@@ -301,6 +307,9 @@ def _parse_states(text: str) -> dict[str, str]:
                     states[f"{parts[0]}_{index}"] = state
             else:
                 states["_".join(parts[:2])] = state
+    for job_id in out_of_memory & states.keys():
+        if states[job_id] == "FAILED":
+            states[job_id] = "OUT_OF_MEMORY"
     return states
 
 

@@ -55,6 +55,12 @@ accounting_conf() {
     fi
 }
 
+task_plugin() {
+    # memory limits (and OUT_OF_MEMORY) need cgroups: v1's memory controller works without
+    # systemd; elsewhere jobs run unconfined
+    if [[ -w /sys/fs/cgroup/memory ]]; then echo task/cgroup; else echo task/none; fi
+}
+
 write_configs() {
     local cpus mem
     cpus=$(nproc)
@@ -79,7 +85,7 @@ SlurmdPidFile=$STATE/slurmd.pid
 SlurmctldLogFile=$LOG/slurmctld.log
 SlurmdLogFile=$LOG/slurmd.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=$(task_plugin)
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
@@ -95,6 +101,8 @@ SchedulerParameters=sched_interval=2
 NodeName=$HOST CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 CONF
+    printf '%s\n' "CgroupPlugin=cgroup/v1" "ConstrainRAMSpace=yes" "ConstrainSwapSpace=yes" \
+        "AllowedSwapSpace=0" >"$ETC/cgroup.conf"
     cat >"$ETC/slurmdbd.conf" <<CONF
 AuthType=auth/munge
 DbdHost=localhost

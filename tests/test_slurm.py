@@ -64,6 +64,11 @@ def _started(results: Path, timeout: float = 90) -> str:
     raise AssertionError("no run started training")
 
 
+def _flat(output: str) -> str:
+    """The output with rich's line wrapping undone (any run of spaces is one)."""
+    return " ".join(output.split())
+
+
 def _queued(array_id: str) -> str:
     return subprocess.run(
         ["squeue", "-h", "-j", array_id, "-o", "%i %T"], capture_output=True, text=True
@@ -87,7 +92,7 @@ def test_slurm_cancelled_task_is_a_missing_run_and_the_rerun_submits_only_it(
     assert rc == 1, output
     assert "Traceback" not in output and "UncompletedJobError" not in output
     assert "sweep: 2 jobs" in output
-    assert f"CANCELLED by {os.getuid()} (SLURM job {task})" in output
+    assert f"CANCELLED by {os.getuid()} (SLURM job {task})" in _flat(output)
     missing = [line for line in output.splitlines() if line.startswith("missing")]
     assert len(missing) == 1, output
     # the rerun submits only the cancelled run (the other is complete), which resumes
@@ -165,8 +170,24 @@ def test_slurm_unreadable_job_states_do_not_hang_the_sweep(
     rc, output = _finish(process, timeout=90)
     assert rc == 1, output
     assert output.count("cannot read job states from sacct") == 1, output
-    assert "left the queue without a result" in output and task in output
+    assert "left the queue without a result" in _flat(output) and task in output
     assert "Traceback" not in output
+
+
+@pytest.mark.slurm
+def test_slurm_out_of_memory_task_is_a_failed_run(cluster: None, tmp_path: Path) -> None:
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True)
+    if "task/cgroup" not in config.stdout:
+        pytest.skip("this cluster does not enforce memory limits (TaskPlugin is not task/cgroup)")
+    results = tmp_path / "results"
+    tiny = ["epochs=1", "quiet=true", "dataset.limit=240", "stall_margin=0.0"]
+    rc, output = _finish(_sweep(results, "norm=batch", "hydra.launcher.mem_per_cpu=100M", *tiny))
+    assert rc == 1, output
+    assert "Traceback" not in output
+    [task] = _tasks_submitted(results)
+    failed = [line for line in output.splitlines() if line.startswith("failed")]
+    assert len(failed) == 1, output
+    assert f"OUT_OF_MEMORY (SLURM job {task})" in _flat(output)
 
 
 def test_signal_delay_leaves_small_time_limits_usable() -> None:
