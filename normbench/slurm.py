@@ -5,10 +5,10 @@
 the launcher's ``_target_``), which changes what happens around the array, never in a run:
 
 - runs the plan found complete are not submitted (each would cost a task's start-up);
-- the sweep waits on the tasks itself: their result files, and the states ``sacct`` reports
-  every few seconds (``squeue`` where accounting does not answer), so a task the scheduler
-  ended without a result (cancelled, timed out, node failure, out of memory) becomes a line
-  of the summary with its state and job id, never a traceback and never an endless wait;
+- the sweep waits on the tasks itself: their result files, the queue (``squeue``) and the
+  accounting (``sacct``) every 2 to 30 s, so a task the scheduler ended without a result
+  (cancelled, timed out, out of memory) becomes a line of the summary with its state and job
+  id, never a traceback, and no state that cannot be read makes the wait endless;
 - Ctrl-C or SIGTERM of the sweep cancels its array (``scancel``) before the sweep exits, and
   a task that is sent SIGTERM unwinds, giving its runs' claims back (their checkpoints stay),
   so a rerun trains them instead of finding them ``elsewhere``;
@@ -64,8 +64,9 @@ def sweep_settings(keys: set[str]) -> list[str]:
 
 
 def signal_delay(timeout_min: float, requested_s: int) -> int:
-    """Seconds before the time limit at which SLURM warns the task (USR1): at most a quarter
-    of the limit, so that a short limit does not warn the task as it starts."""
+    """Seconds before the time limit at which SLURM warns the task (submitit's signal, USR2):
+    at most a quarter of the limit, so that a short limit does not warn the task as it starts
+    (SLURM may still warn up to a minute early)."""
     return max(1, min(int(requested_s), int(timeout_min * 60 / 4)))
 
 
@@ -206,9 +207,10 @@ def wait(
     A task is over when its result file exists, or when the controller (``squeue``) no longer
     has it queued and no result appeared: at once for a state in which a task writes none
     (cancelled, timed out, out of memory...), ``grace_s`` later otherwise (a result on a slow
-    shared file system). The states are looked up every 2 s at first, then less often (at most every 30
-    s). When ``squeue`` does not answer for ``unanswered_s``, stop waiting: the tasks left are
-    reported as such. ``grace_s`` defaults to ``$NORMBENCH_SLURM_GRACE_S`` or 15.
+    shared file system). The states are looked up every 2 s at first, then less often (at
+    most every 30 s). When ``squeue`` does not answer for ``unanswered_s``, stop waiting: the
+    tasks left are reported as such. ``grace_s`` defaults to ``$NORMBENCH_SLURM_GRACE_S`` or
+    15.
     """
     if grace_s is None:
         grace_s = float(os.environ.get(GRACE_ENV) or 15.0)
