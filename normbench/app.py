@@ -37,8 +37,8 @@ MAX_OVERRIDE_CHARS = 1000
 register_configs()
 
 
-def _register_sweeper() -> None:
-    """Make ``hydra/sweeper=normbench`` known to Hydra.
+def _register_plugins() -> None:
+    """Make ``hydra/sweeper=normbench`` and normbench's SLURM launcher known to Hydra.
 
     Hydra's plugin scan finds hydra_plugins/normbench_sweeper in an installed wheel but not
     in an editable install, whose finder maps the module without listing it. The scan runs
@@ -46,12 +46,14 @@ def _register_sweeper() -> None:
     classes defined twice.
     """
     plugins = Plugins.instance()
+    from hydra_plugins.normbench_slurm import SlurmLauncher
     from hydra_plugins.normbench_sweeper import PlannedSweeper
 
     plugins.register(PlannedSweeper)
+    plugins.register(SlurmLauncher)
 
 
-_register_sweeper()
+_register_plugins()
 
 # Hydra's command-line flags (hydra/_internal/utils.py), by every spelling: the canonical name
 # and whether it takes a value ("?" for an optional one).

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import socket
 import threading
 from collections.abc import Mapping
 from contextlib import suppress
@@ -25,7 +26,7 @@ from normbench import results
 from normbench.app import override_key
 
 JOB_RECORD = "job.json"
-# Set by a sweep on this machine: its workers stop when it is gone (see watch_parent).
+# Set by a sweep to "host:pid": its workers on that host stop when it is gone (watch_parent).
 PARENT_PID_ENV = "NORMBENCH_SWEEP_PID"
 _MEMBER_KEYS = ("lr", "seed", "stack_members")  # a run's own; a group's
 _watching = threading.Event()  # this process already watches its sweep
@@ -92,14 +93,22 @@ def read_job_records(sweep_dir: Path) -> list[dict]:
     return runs
 
 
+def parent_id() -> str:
+    """This process as the sweep its workers watch: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def watch_parent(every: float = 1.0) -> None:
-    """In a worker of a local sweep, stop (SIGTERM to itself) once the sweep process is gone.
+    """In a worker on the sweep's host, stop (SIGTERM to itself) once the sweep is gone.
 
     joblib's workers would otherwise finish their queue after the sweep was killed; the
-    run's checkpoint lets the next sweep resume it.
+    run's checkpoint lets the next sweep resume it. A worker on another host (a SLURM task on
+    a compute node) cannot see the sweep's process and does not watch it.
     """
-    parent = os.environ.get(PARENT_PID_ENV)
-    if not parent or int(parent) == os.getpid() or _watching.is_set():
+    host, _, parent = os.environ.get(PARENT_PID_ENV, "").rpartition(":")
+    if not parent.isdigit() or host != socket.gethostname():
+        return
+    if int(parent) == os.getpid() or _watching.is_set():
         return
     _watching.set()
 

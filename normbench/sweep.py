@@ -44,7 +44,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from normbench import results
+from normbench import results, slurm
 from normbench.app import (
     GROUPS,
     HydraArgs,
@@ -57,7 +57,7 @@ from normbench.app import (
 from normbench.checks import check_run, check_setup
 from normbench.config import unknown_key_message, validate
 from normbench.errors import ConfigError
-from normbench.jobs import PARENT_PID_ENV, read_job_records
+from normbench.jobs import PARENT_PID_ENV, parent_id, read_job_records
 from normbench.preflight import check_results_dir, check_threads, estimate_run_bytes
 
 # Launchers that run jobs on this machine: the cores checked are this machine's.
@@ -301,6 +301,7 @@ def run_sweep(
     overrides, total = hydra_args.overrides, plan.cells
     if (plan.stack if stack is None else stack) and plan.values is not None:
         overrides, total = _stacked(plan, overrides)
+    grouped = total < plan.cells  # one Hydra job per group of runs
     if dry_run:
         print_plan(plan, console, total)
         return 0
@@ -309,15 +310,52 @@ def run_sweep(
     # Hydra runs the whole grid; a complete job skips itself. Launch nothing when all are.
     if force or plan.jobs is None or not all(job.done_before for job in plan.jobs):
         settings = _job_settings(keys, jobs, force, sweep_dir)
+        if plan.launcher == slurm.LAUNCHER:
+            slurm_settings, skipped = _slurm_settings(plan, keys, force, grouped, sweep_dir)
+            settings, total = [*settings, *slurm_settings], total - skipped
         with _terminate_as_interrupt(), _watch(sweep_dir, total or None, console), _parent():
             launch([*hydra_args.flags, *overrides, *settings], multirun=True)
-    failed = print_summary(plan, read_job_records(sweep_dir), console)
+    failed = print_summary(plan, _records(plan, sweep_dir, console), console)
     optimized = sweep_dir / "optimization_results.yaml"  # written by optimizing sweepers
     if optimized.is_file():
         best = OmegaConf.load(optimized)
         params = " ".join(f"{k}={v}" for k, v in best.get("best_params", {}).items())
         console.print(f"best: {params} (objective {best.get('best_value')})", highlight=False)
     return failed
+
+
+def _slurm_settings(
+    plan: Plan, keys: set[str], force: bool, grouped: bool, sweep_dir: Path
+) -> tuple[list[str], int]:
+    """The SLURM launcher's settings (normbench.slurm), and how many of the jobs to launch
+    are not submitted: those whose runs are all complete (unless forced)."""
+    done = [] if force or plan.jobs is None else _complete_cells(plan, grouped)
+    slurm.write_skip(sweep_dir, done)
+    return slurm.sweep_settings(keys), len(done)
+
+
+def _complete_cells(plan: Plan, grouped: bool) -> list[list[str]]:
+    """The Hydra jobs whose runs are all complete, by their overrides: planned runs, or with
+    ``grouped`` (see :func:`_stacked`) the group jobs whose members all are."""
+    if not grouped:
+        return [job.overrides for job in plan.jobs or [] if job.done_before]
+    lead = {f"lr={_distinct(plan, 'lr')[0]}", f"seed={_distinct(plan, 'seed')[0]}"}
+    groups: dict[frozenset[str], bool] = {}
+    for job in plan.jobs or []:
+        cell = frozenset(o for o in job.overrides if override_key(o) not in ("lr", "seed"))
+        groups[cell | lead] = groups.get(cell | lead, True) and job.done_before
+    return [sorted(cell) for cell, done in groups.items() if done]
+
+
+def _records(plan: Plan, sweep_dir: Path, console: Console) -> list[dict]:
+    """The jobs' records, and on SLURM the scheduler's word on tasks that left none."""
+    records = read_job_records(sweep_dir)
+    if plan.launcher != slurm.LAUNCHER:
+        return records
+    added, lines = slurm.scheduler_records(plan.jobs or [], records, sweep_dir)
+    for line in lines:
+        console.print(line, highlight=False)
+    return records + added
 
 
 def _stacked(plan: Plan, overrides: list[str]) -> tuple[list[str], int]:
@@ -347,7 +385,7 @@ def _distinct(plan: Plan, key: str) -> list[str]:
 def _parent() -> Iterator[None]:
     """Tell local workers which process is the sweep, so they stop when it is killed."""
     previous = os.environ.get(PARENT_PID_ENV)
-    os.environ[PARENT_PID_ENV] = str(os.getpid())
+    os.environ[PARENT_PID_ENV] = parent_id()
     try:
         yield
     finally:

@@ -26,12 +26,14 @@ def test_built_wheel_carries_and_loads_the_configs(tmp_path: Path) -> None:
     }
     assert shipped == in_repo
     assert "hydra_plugins/normbench_sweeper/__init__.py" in names  # hydra/sweeper=normbench
+    assert "hydra_plugins/normbench_slurm/__init__.py" in names  # the SLURM sweeps' launcher
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     code = (
         "import normbench, sys\n"
         "from normbench.app import compose_config\n"
         "import hydra_plugins.normbench_sweeper as sweeper\n"
-        "for module in (normbench, sweeper):\n"
+        "import hydra_plugins.normbench_slurm as launcher\n"
+        "for module in (normbench, sweeper, launcher):\n"
         "    assert module.__file__.startswith(sys.argv[1]), module.__file__\n"
         "cfg = compose_config(['model=lenet', 'norm=batch_renorm'])\n"
         "print(cfg.choices.model, cfg.norm.name)\n"
