@@ -21,6 +21,7 @@ from normbench import slurm
 
 # A run that trains a few seconds: time to cancel or signal it after its first epoch.
 SLOW = ["epochs=3", "quiet=true", "dataset.train_size=4000", "batch_size=4", "stall_margin=0.0"]
+SLOW += ["checkpoint_seconds=0"]  # rows and a checkpoint after every epoch: something to resume
 LAUNCHER = ["hydra/launcher=submitit_slurm", "hydra.launcher.cpus_per_task=1"]
 
 
