@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 from normbench.app import compose_config
 from normbench.checkpoint import save_weights
 from normbench.cli import app
-from normbench.frn import FilterResponseNorm
 from normbench.models import build_model
-from normbench.reference_batchnorm import BatchNormFunction
+from normbench.norms.frn import FilterResponseNorm
+from normbench.norms.reference_batchnorm import BatchNormFunction
 from normbench.results import METRICS_FILE, MODEL_FILE
 from tests.test_report import write_run
 from tests.test_show import finished_run
