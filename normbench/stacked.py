@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from normbench import norms, results
 from normbench.datasets import DataSplits, load_dataset
 from normbench.models import build_model, init_paired
-from normbench.recurrent import RecurrentNet
+from normbench.models.recurrent import RecurrentNet
 from normbench.stacked_layers import (
     StackedBatchNorm,
     StackedBatchRenorm,

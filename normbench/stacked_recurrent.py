@@ -1,4 +1,4 @@
-"""K :class:`~normbench.recurrent.RecurrentNet` s (one cell, norm and size) as one network.
+"""K :class:`~normbench.models.recurrent.RecurrentNet` s (one cell, norm and size) as one network.
 
 The recurrent counterpart of :class:`~normbench.stacked_layers.StackedNet`, with its
 contract: ``forward`` takes (K, B, *input_shape) and returns (K, B, outputs); every parameter
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from normbench.recurrent import RecurrentNet
+from normbench.models.recurrent import RecurrentNet
 from normbench.stacked_layers import _NORMS, StackedLinear, _Stacked, unsupported_module
 
 _CELLS = (nn.RNNCell, nn.LSTMCell)
@@ -76,7 +76,7 @@ class StackedRecurrentCell(_Stacked):
 
 
 class StackedRecurrentNet(nn.Module):
-    """K :class:`~normbench.recurrent.RecurrentNet` s of one architecture as one module.
+    """K :class:`~normbench.models.recurrent.RecurrentNet` s of one architecture as one module.
 
     ``forward`` takes (K, B, T, F) sequences or (K, B, C, H, W) images (read row by row, as
     RecurrentNet does) and returns (K, B, outputs). ``generators`` is StackedNet's argument

@@ -15,7 +15,7 @@ from normbench.datasets import load_dataset
 from normbench.engine import run_experiment
 from normbench.errors import ConfigError
 from normbench.models import build_model, init_paired
-from normbench.recurrent import as_sequence
+from normbench.models.recurrent import as_sequence
 
 T, F_, H = 5, 3, 4
 

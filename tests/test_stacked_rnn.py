@@ -22,7 +22,7 @@ from normbench.checks import check_run
 from normbench.datasets import DataSplits, load_dataset
 from normbench.errors import ConfigError
 from normbench.models import build_model
-from normbench.recurrent import RecurrentNet
+from normbench.models.recurrent import RecurrentNet
 from normbench.stacked import StackedTrainer, estimate_member_bytes
 from normbench.stacked_recurrent import StackedRecurrentNet, unsupported_recurrent
 from tests.reference_training import evaluate
