@@ -1,7 +1,7 @@
 """Stacked sweeps (issue 9): one epoch of 15 runs (5 lr x 3 seeds) stacked vs one after another.
 
 Side by side in one process, one thread, best of several interleaved repeats: the same 15
-configs trained by normbench.stacked.StackedTrainer (one model) and by train.train_one_epoch
+configs trained by normbench.engine.trainer.StackedTrainer (one model) and by train.train_one_epoch
 (15 models, as a sweep runs them one after another). Also prints the stacked group's peak
 memory: how far the resident set rose above its level before the first stacked epoch (Linux;
 the allocator reuses memory freed earlier, so a small group can show ~0), and
@@ -24,13 +24,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from normbench.app import compose_config  # noqa: E402
 from normbench.datasets import load_dataset  # noqa: E402
-from normbench.models import build_model, init_paired  # noqa: E402
-from normbench.norms import is_frozen  # noqa: E402
-from normbench.stacked import (  # noqa: E402
+from normbench.engine.trainer import (  # noqa: E402
     StackedTrainer,
     estimate_data_bytes,
     estimate_member_bytes,
 )
+from normbench.models import build_model, init_paired  # noqa: E402
+from normbench.norms import is_frozen  # noqa: E402
 from tests.reference_training import make_optimizer, train_one_epoch  # noqa: E402
 
 LRS = (0.003, 0.01, 0.03, 0.1, 0.3)

@@ -247,7 +247,7 @@ _task_errors: list[Exception] = []
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     from normbench import results
-    from normbench.engine import RunClaimedError, run_experiment
+    from normbench.engine.lifecycle import RunClaimedError, run_experiment
     from normbench.jobs import run_job
     from normbench.summary import print_run
 

@@ -15,7 +15,7 @@ from torch.autograd import gradcheck
 from normbench import norms
 from normbench.app import compose_config
 from normbench.checks import check_run
-from normbench.engine import run_experiment
+from normbench.engine.lifecycle import run_experiment
 from normbench.errors import ConfigError
 from normbench.models import build_model, init_paired
 from normbench.norms.frn import FilterResponseNorm
