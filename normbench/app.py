@@ -249,7 +249,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     from normbench import results
     from normbench.engine.lifecycle import RunClaimedError, run_experiment
     from normbench.jobs import run_job
-    from normbench.summary import print_run
+    from normbench.run_summary import print_run
 
     hydra_cfg = HydraConfig.get()
     record_choices(cfg, hydra_cfg.runtime.choices)
