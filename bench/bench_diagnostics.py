@@ -29,7 +29,7 @@ from torch import nn
 
 from normbench.app import compose_config
 from normbench.datasets import load_dataset
-from normbench.engine import run_experiment
+from normbench.engine.lifecycle import run_experiment
 from normbench.models import build_model, init_paired
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -1,7 +1,7 @@
 """The stacked trainer: one epoch of 15 runs (5 lr x 3 seeds) as one stack vs one after another.
 
 Side by side in one process, one thread, the median of several alternating repeats: the same
-15 configs trained by normbench.stacked.StackedTrainer as one stack of 15, and as 15 stacks
+15 configs trained by normbench.engine.trainer.StackedTrainer as one stack of 15, and as 15 stacks
 of one, one after another (what ``--no-stack`` trains, and ``normbench run``). Also prints
 the stacked group's peak memory: how far the resident set rose above its level before the
 first stacked epoch (Linux; the allocator reuses memory freed earlier, so a small group can
@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from normbench.app import compose_config  # noqa: E402
 from normbench.datasets import load_dataset  # noqa: E402
-from normbench.stacked import (  # noqa: E402
+from normbench.engine.trainer import (  # noqa: E402
     StackedTrainer,
     estimate_data_bytes,
     estimate_member_bytes,

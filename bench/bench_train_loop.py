@@ -29,8 +29,8 @@ from torchvision import datasets, transforms
 
 from normbench.app import compose_config
 from normbench.datasets import DataSplits, load_dataset
+from normbench.engine.trainer import StackedTrainer
 from normbench.models import build_model, init_paired
-from normbench.stacked import StackedTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.fake_datasets import write_fake_mnist  # noqa: E402

@@ -249,9 +249,9 @@ _task_errors: list[Exception] = []
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     from normbench import results
-    from normbench.engine import RunClaimedError, run_experiment
+    from normbench.engine.lifecycle import RunClaimedError, run_experiment
     from normbench.jobs import run_job
-    from normbench.summary import print_run
+    from normbench.run_summary import print_run
 
     hydra_cfg = HydraConfig.get()
     record_choices(cfg, hydra_cfg.runtime.choices)

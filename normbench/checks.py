@@ -5,7 +5,7 @@ schema (``config.validate``), the dataset's settings and files (not their conten
 model built on the ``meta`` device, so shapes, group counts, norm placement and whether the
 stacked engine mirrors every module are checked with no real weights. Bad input raises
 ConfigError. What depends on the machine a run lands on (threads, device, the results folder,
-the data's real size) is the job's check (normbench.engine), not planning's.
+the data's real size) is the job's check (normbench.engine.lifecycle), not planning's.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from omegaconf import DictConfig
 
 from normbench.config import validate
 from normbench.datasets import DataInfo, describe_dataset
+from normbench.engine.trainer import stack_unsupported
 from normbench.errors import ConfigError
 from normbench.models import build_model
 from normbench.norms import get_norm_spec, is_frozen
-from normbench.stacked import stack_unsupported
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,7 @@ def run(overrides: Overrides = None) -> None:
 
 def _claimed_message(error: Exception) -> str:
     """``run <id> is being trained by another process (pid N); wait for it ...``."""
-    from normbench.claims import describe_holder
+    from normbench.engine.run_claims import describe_holder
 
     run_path = getattr(error, "run_path", None)
     name = run_path.name if run_path is not None else "this run"

@@ -2,7 +2,7 @@
 
 The top-level :class:`Config` holds the run's scalars; each config group (model, norm,
 dataset, optimizer) holds one option whose schema is that option's own dataclass, declared
-next to the code that builds it (``norms.py``, ``models.py``, ``datasets.py``, ``train.py``)
+next to the code that builds it (``norms``, ``models``, ``datasets.py``, ``engine/train.py``)
 and stored here in Hydra's ConfigStore as ``schema/<group>/<name>``. The YAML files under
 ``configs/`` extend those schemas and hold every default. So ``norm=batch norm.num_groups=4``
 is an error naming the settings batch norm reads, and ``lr=abc`` is not a silent string.
@@ -24,11 +24,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from normbench.datasets import dataset_schemas
+from normbench.engine.train import check_optimizer, optimizer_schemas
 from normbench.errors import ConfigError, choices_error
 from normbench.models import model_schemas
 from normbench.norms import check_norm, get_norm_spec, norm_names
 from normbench.preflight import check_path_names
-from normbench.train import check_optimizer, optimizer_schemas
 
 _RUNTIME = {"identity": False}
 DEVICES = ("auto", "cpu", "cuda", "mps")

@@ -42,7 +42,7 @@ def run_job(cfg: DictConfig, overrides: list[str], output_dir: Path) -> float | 
     Its record holds one entry per run: run_id, lr, seed, status (ok, diverged, stalled,
     failed, skipped, elsewhere), error, objective and the run's own overrides.
     """
-    from normbench.engine import run_group
+    from normbench.engine.lifecycle import run_group
 
     watch_parent()
     records = [_record(outcome) for outcome in run_group(cfg)]

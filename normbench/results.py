@@ -8,7 +8,7 @@ Layout, one folder per run under ``results_dir``::
     <run_id>/diagnostics.csv   per-layer diagnostics, when ``diagnostics=true``
     <run_id>/error.txt         the traceback of a failed run
     <run_id>/checkpoint.pt     the state to resume an interrupted run (or stack) from
-    <run_id>/claim.json        which process is running it (normbench.claims)
+    <run_id>/claim.json        which process is running it (normbench.engine.run_claims)
 
 Every file is written to a temporary name, fsynced and renamed into place, so a crash or an
 interrupt never leaves a half-written file. metrics.csv is the commit point of an attempt

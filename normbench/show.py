@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from normbench import results
-from normbench.checkpoint import CheckpointError, load_weights
 from normbench.datasets import DataSplits, load_dataset
+from normbench.engine.checkpoint import CheckpointError, load_weights
 from normbench.errors import ConfigError
 from normbench.models import Block, build_model
 from normbench.preflight import writing

@@ -2,7 +2,7 @@
 PyTorch model (torch.optim, one permutation per epoch, the last incomplete batch dropped).
 
 Not part of normbench: the engine trains every run as a member of a stack
-(normbench.stacked); the tests check each member against this loop, and bench/ compares
+(normbench.engine.trainer); the tests check each member against this loop, and bench/ compares
 the engine with it.
 """
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from normbench import norms
-from normbench.train import EpochStats, check_optimizer
+from normbench.engine.train import EpochStats, check_optimizer
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
 StepHook = Callable[[nn.Module, int], None]

@@ -12,8 +12,8 @@ from torch import nn
 
 from normbench import norms
 from normbench.datasets import DataSplits, load_dataset
+from normbench.engine.trainer import StackedTrainer
 from normbench.models import build_model, init_paired
-from normbench.stacked import StackedTrainer
 from tests.reference_training import evaluate, make_optimizer, make_scheduler, train_one_epoch
 
 REL = 1e-4  # per-step training losses, and the epoch's statistics

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from normbench import checkpoint
+from normbench.engine import checkpoint
 from tests.reference_training import evaluate, train_one_epoch
 
 X = torch.randn(96, 6, generator=torch.Generator().manual_seed(0))

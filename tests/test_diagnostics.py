@@ -19,16 +19,17 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from normbench import checkpoint, diagnostics, engine, results
+from normbench import results
 from normbench.app import compose_config
 from normbench.datasets import load_dataset
-from normbench.diagnostics import Recorder, eval_gap, stacked_eval_gap
-from normbench.engine import run_experiment, run_group
+from normbench.engine import checkpoint, diagnostics, lifecycle
+from normbench.engine.diagnostics import Recorder, eval_gap, stacked_eval_gap
+from normbench.engine.lifecycle import run_experiment, run_group
+from normbench.engine.trainer import StackedTrainer
 from normbench.models import build_model, init_paired
 from normbench.norms import is_frozen
 from normbench.report import report
 from normbench.results import PERCENTILES
-from normbench.stacked import StackedTrainer
 from tests.reference_training import make_optimizer, shuffled_batches, train_one_epoch
 
 STEP_QUANTITIES = {"input_mean", "input_std", "grad_norm", *PERCENTILES}
@@ -544,16 +545,16 @@ def test_a_killed_stack_goes_on_recording_as_if_never_interrupted(
     settings = [*tiny, "stack_members=[{lr:0.1,seed:0},{lr:0.03,seed:0}]", "epochs=3"]
     settings += ["threads=1", "checkpoint_seconds=0", "diagnostics_every=4"]
     run_group(compose_config([*settings, "diagnostics=true", f"results_dir={tmp_path / 'w'}"]))
-    save = engine._save
+    save = lifecycle._save
 
     def save_then_die(*args, **kwargs):
         save(*args, **kwargs)
         raise KeyboardInterrupt  # a kill: nothing after the checkpoint is written
 
-    monkeypatch.setattr(engine, "_save", save_then_die)
+    monkeypatch.setattr(lifecycle, "_save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_group(compose_config([*settings, f"diagnostics={saved_with_diagnostics}"]))
-    monkeypatch.setattr(engine, "_save", save)
+    monkeypatch.setattr(lifecycle, "_save", save)
     epochs = []
     train_epoch = StackedTrainer.train_epoch
     monkeypatch.setattr(

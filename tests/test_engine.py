@@ -1,5 +1,5 @@
-"""The one training lifecycle (normbench.engine): what a run or a stacked group does around
-training, through the CLI or the functions it calls."""
+"""The one training lifecycle (normbench.engine.lifecycle): what a run or a stacked group does
+around training, through the CLI or the functions it calls."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from normbench import results
 from normbench.app import compose_config
 from normbench.cli import app
-from normbench.engine import member_configs, run_experiment
-from normbench.run_log import RunLog
+from normbench.engine.lifecycle import member_configs, run_experiment
+from normbench.engine.run_log import RunLog
 from tests.conftest import TINY, cli
 from tests.fake_datasets import write_fake_mnist
 

@@ -12,10 +12,10 @@ import torch
 from normbench import results
 from normbench.app import compose_config
 from normbench.catalog import group_choices
-from normbench.engine import run_experiment
+from normbench.engine.lifecycle import run_experiment
+from normbench.engine.trainer import StackedTrainer
 from normbench.errors import ConfigError
 from normbench.models import build_model
-from normbench.stacked import StackedTrainer
 
 NORMS = sorted(group_choices("norm"))
 MODELS = ["mlp", "lenet", "convnet"]

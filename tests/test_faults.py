@@ -270,7 +270,7 @@ def test_a_killed_stack_resumes_from_its_checkpoint(tmp_path: Path) -> None:
 def test_a_group_over_its_memory_cap_is_split(tmp_path: Path) -> None:
     from normbench.app import compose_config
     from normbench.datasets import describe_dataset
-    from normbench.stacked import estimate_data_bytes, estimate_member_bytes
+    from normbench.engine.trainer import estimate_data_bytes, estimate_member_bytes
 
     settings = ["norm=batch", *TINY]
     cfg = compose_config(settings)

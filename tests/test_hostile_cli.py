@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from normbench import claims, results
+from normbench import results
 from normbench.app import compose_config
 from normbench.cli import app
+from normbench.engine import run_claims
 from tests.fake_datasets import trust_fake_cifar10, write_fake_cifar10, write_fake_mnist
 
 runner = CliRunner()
@@ -165,7 +166,7 @@ def test_a_hydra_flag_after_overrides_works(tiny: list[str], results_dir: Path) 
 def test_a_run_another_process_trains_is_said_in_words(tiny: list[str], results_dir: Path) -> None:
     cfg = compose_config(tiny)
     run_id = results.run_id(cfg)
-    held = claims.claim(results_dir / run_id)  # held by this process, alive: not stale
+    held = run_claims.claim(results_dir / run_id)  # held by this process, alive: not stale
     assert held is not None
     result = invoke("run", *tiny)
     assert result.exit_code == 1

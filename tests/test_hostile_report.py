@@ -12,11 +12,11 @@ from torch.autograd import gradcheck, gradgradcheck
 from typer.testing import CliRunner
 
 from normbench.app import compose_config
-from normbench.checkpoint import save_weights
 from normbench.cli import app
-from normbench.frn import FilterResponseNorm
+from normbench.engine.checkpoint import save_weights
 from normbench.models import build_model
-from normbench.reference_batchnorm import BatchNormFunction
+from normbench.norms.frn import FilterResponseNorm
+from normbench.norms.reference_batchnorm import BatchNormFunction
 from normbench.results import METRICS_FILE, MODEL_FILE
 from tests.test_report import write_run
 from tests.test_show import finished_run
@@ -176,7 +176,7 @@ def test_show_of_weights_of_another_shape_names_the_first_mismatch(
 def test_show_of_a_failed_run_says_it_failed_with_its_error(
     tiny: list[str], tmp_path: Path
 ) -> None:
-    from normbench.run_log import RunLog
+    from normbench.engine.run_log import RunLog
 
     log = RunLog(compose_config(tiny))
     try:

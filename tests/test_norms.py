@@ -13,7 +13,7 @@ from torch.autograd import gradcheck
 from normbench import norms
 from normbench.app import compose_config
 from normbench.errors import ConfigError
-from normbench.reference_batchnorm import BatchNormFunction
+from normbench.norms.reference_batchnorm import BatchNormFunction
 
 C = 6
 SHAPES = {False: (8, C), True: (4, C, 3, 3)}  # (N, C) features, (N, C, H, W) maps

@@ -15,12 +15,12 @@ from torch.autograd import gradcheck
 from normbench import norms
 from normbench.app import compose_config
 from normbench.checks import check_run
-from normbench.engine import run_experiment
+from normbench.engine.lifecycle import run_experiment
 from normbench.errors import ConfigError
-from normbench.frn import FilterResponseNorm
-from normbench.ghost_batchnorm import GhostBatchNorm
 from normbench.models import build_model, init_paired
-from normbench.weight_std import WSConv2d, WSLinear, standardize_weight
+from normbench.norms.frn import FilterResponseNorm
+from normbench.norms.ghost_batchnorm import GhostBatchNorm
+from normbench.norms.weight_std import WSConv2d, WSLinear, standardize_weight
 from tests.test_norms import assert_same_forward_and_backward, batch_formula, norm_cfg, randn
 
 f64 = torch.float64

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from normbench import checkpoint, preflight
+from normbench import preflight
+from normbench.engine import checkpoint
 from normbench.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

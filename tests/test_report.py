@@ -18,8 +18,8 @@ from rich.console import Console
 from normbench.app import compose_config
 from normbench.errors import ConfigError
 from normbench.report import report
-from normbench.report_load import load_diagnostics, load_runs
-from normbench.report_stats import (
+from normbench.report.load import load_diagnostics, load_runs
+from normbench.report.stats import (
     best_lr,
     configs_of,
     diagnostics_summary,

@@ -15,19 +15,21 @@ from typer.testing import CliRunner
 import normbench
 from normbench.cli import app
 from normbench.report import report
-from normbench.report_render import Report
+from normbench.report.tables import Report
 from normbench.results import METRICS_FILE
 from tests.test_report import final_runs, run_report, write_diagnostics, write_run
 
 REPORT_MODULES = (
-    "report", "report_load", "report_stats", "report_render", "report_html", "report_tensorboard",
-    "plots",
+    "report", "report.load", "report.stats", "report.tables", "report.html", "report.tensorboard",
+    "report.plots",
 )  # fmt: skip
 
 
 def imports(module: str) -> set[str]:
     """The normbench modules ``module`` imports, at the top or inside functions."""
-    tree = ast.parse(Path(normbench.__file__).with_name(f"{module}.py").read_text())
+    path = Path(normbench.__file__).parent.joinpath(*module.split("."))
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    tree = ast.parse(path.read_text())
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("normbench"):
@@ -43,7 +45,7 @@ def test_report_modules_import_one_way() -> None:
     except CycleError as error:
         pytest.fail(f"import cycle: {error.args[1]}")
     assert order[-1] == "report"  # only the orchestrator knows the others
-    assert graph["report_load"] == set()
+    assert graph["report.load"] == set()
 
 
 def test_a_non_numeric_value_skips_the_file_with_a_warning(

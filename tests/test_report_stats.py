@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from normbench.report_load import load_diagnostics
-from normbench.report_stats import diagnostics_summary, paired, stability, summarize
+from normbench.report.load import load_diagnostics
+from normbench.report.stats import diagnostics_summary, paired, stability, summarize
 from tests.test_report import cell, final_runs, run_report, write_diagnostics, write_run
 
 
@@ -116,7 +116,7 @@ def test_holm_correction_over_the_cells_of_a_paired_table(tmp_path: Path) -> Non
 
 
 def test_zero_std_is_shown() -> None:
-    from normbench.report_render import _mean_std
+    from normbench.report.tables import _mean_std
 
     assert _mean_std(0.9931, 0.0, 3) == "0.9931 ± 0.0000"
     assert _mean_std(0.65, 0.026, 3) == "0.650 ± 0.026"

@@ -82,9 +82,9 @@ def test_every_run_has_its_scalars_and_hparams_and_a_rerun_replaces(tmp_path: Pa
 def test_tensorboard_missing_is_a_config_error_naming_the_extra(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import normbench.report_tensorboard
+    import normbench.report.tensorboard
 
     write_run(tmp_path, "batch", 0.1, 0, 0.9)
-    monkeypatch.setattr(normbench.report_tensorboard, "available", lambda: False)
+    monkeypatch.setattr(normbench.report.tensorboard, "available", lambda: False)
     with pytest.raises(ConfigError, match=r'pip install -e "\.\[tensorboard\]"'):
         run_report(tmp_path, tensorboard=tmp_path / "board")

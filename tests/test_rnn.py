@@ -12,10 +12,10 @@ from torch import nn
 from normbench.app import compose_config
 from normbench.checks import check_run
 from normbench.datasets import load_dataset
-from normbench.engine import run_experiment
+from normbench.engine.lifecycle import run_experiment
 from normbench.errors import ConfigError
 from normbench.models import build_model, init_paired
-from normbench.recurrent import as_sequence
+from normbench.models.recurrent import as_sequence
 
 T, F_, H = 5, 3, 4
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from normbench import results
 from normbench.app import compose_config
 from normbench.cli import app
-from normbench.engine import run_experiment
+from normbench.engine.lifecycle import run_experiment
 from normbench.errors import ConfigError
 from normbench.show import draw, load_run
 

@@ -1,4 +1,4 @@
-"""The stacked engine (normbench.stacked) against normbench's own single-run training.
+"""The stacked engine (normbench.engine.trainer) against normbench's own single-run training.
 
 Every member of a stack must train exactly as the same run alone: train.train_one_epoch on a
 model built as experiment.prepare builds it. Float32 on the CPU, one thread.
@@ -14,13 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from normbench import checkpoint
 from normbench.app import compose_config
 from normbench.checks import check_run
 from normbench.datasets import DataSplits, load_dataset
-from normbench.errors import ConfigError
-from normbench.models import build_model, convnet, mlp
-from normbench.stacked import (
+from normbench.engine import checkpoint
+from normbench.engine.trainer import (
     StackedTrainer,
     chunk_members,
     estimate_member_bytes,
@@ -28,6 +26,8 @@ from normbench.stacked import (
     stack_key,
     stack_unsupported,
 )
+from normbench.errors import ConfigError
+from normbench.models import build_model, convnet, mlp
 from tests.reference_training import evaluate
 from tests.stacking import assert_member_matches, close, single_run, stacked_run
 

@@ -12,11 +12,7 @@ import torch
 from torch import nn
 
 from normbench.datasets import DataSplits, load_dataset
-from normbench.frn import FilterResponseNorm
-from normbench.ghost_batchnorm import GhostBatchNorm
-from normbench.models import lenet
-from normbench.rms_norm import ChannelRMSNorm
-from normbench.stacked_layers import (
+from normbench.engine.layers import (
     StackedChannelRMSNorm,
     StackedFilterResponseNorm,
     StackedGhostBatchNorm,
@@ -26,7 +22,11 @@ from normbench.stacked_layers import (
     StackedWSLinear,
     unsupported_module,
 )
-from normbench.weight_std import WSConv2d, WSLinear
+from normbench.models import lenet
+from normbench.norms.frn import FilterResponseNorm
+from normbench.norms.ghost_batchnorm import GhostBatchNorm
+from normbench.norms.rms_norm import ChannelRMSNorm
+from normbench.norms.weight_std import WSConv2d, WSLinear
 from tests.test_stacked import close, members, single_run, stacked_run
 
 K, B, C, HW = 3, 10, 4, 3

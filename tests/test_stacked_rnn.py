@@ -1,4 +1,4 @@
-"""The stacked engine on model=rnn (normbench.stacked_recurrent) against single-run training.
+"""The stacked engine on model=rnn (normbench.engine.recurrent) against single-run training.
 
 Each member of a stacked RNN must train exactly as the same run alone (train_one_epoch on a
 RecurrentNet built as experiment.prepare builds it): float32 on the CPU, one thread, the same
@@ -16,15 +16,16 @@ import pytest
 import torch
 from torch import nn
 
-from normbench import checkpoint, norms
+from normbench import norms
 from normbench.app import compose_config
 from normbench.checks import check_run
 from normbench.datasets import DataSplits, load_dataset
+from normbench.engine import checkpoint
+from normbench.engine.recurrent import StackedRecurrentNet, unsupported_recurrent
+from normbench.engine.trainer import StackedTrainer, estimate_member_bytes
 from normbench.errors import ConfigError
 from normbench.models import build_model
-from normbench.recurrent import RecurrentNet
-from normbench.stacked import StackedTrainer, estimate_member_bytes
-from normbench.stacked_recurrent import StackedRecurrentNet, unsupported_recurrent
+from normbench.models.recurrent import RecurrentNet
 from tests.reference_training import evaluate
 from tests.stacking import assert_member_matches, close, single_run, stacked_run
 

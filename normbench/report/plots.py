@@ -19,7 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from normbench.report_stats import (
+from normbench.report.stats import (
     configs_of,
     format_value,
     last_hidden_layer,

@@ -1,7 +1,7 @@
 """One run's identity, metric rows and status while it trains, and the writing of its results.
 
 Every run, trained alone (``normbench run``) or as a member of a stack, keeps one
-:class:`RunLog`; the engine (normbench.engine) appends a row per epoch and writes the run
+:class:`RunLog`; the engine (normbench.engine.lifecycle) appends a row per epoch and writes the run
 through it, so every run's files are written by the same code.
 """
 
@@ -17,9 +17,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from normbench import checkpoint, results
+from normbench import results
+from normbench.engine import checkpoint
+from normbench.engine.train import EpochStats
 from normbench.preflight import writing
-from normbench.train import EpochStats
 
 COLUMNS = results.KEY_COLUMNS + results.METRIC_COLUMNS
 

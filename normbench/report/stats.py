@@ -1,6 +1,6 @@
 """The summaries of ``normbench report``, as tidy DataFrames (pandas and scipy only).
 
-Every function takes the final rows of the runs (one per run, see report_load) and never
+Every function takes the final rows of the runs (one per run, see report.load) and never
 averages what should not be: diverged and stalled runs are counted, not averaged; runs that
 differ in a setting are different configurations or different studies.
 """
@@ -17,7 +17,7 @@ import pandas as pd
 from scipy.special import stdtr, stdtrit
 
 from normbench.errors import ConfigError, choices_error
-from normbench.report_load import key_columns
+from normbench.report.load import key_columns
 from normbench.results import PERCENTILES, normalize_value
 
 # A run that learned nothing (stalled) is as unusable at its lr as one that diverged.

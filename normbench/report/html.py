@@ -1,6 +1,6 @@
 """``normbench report --html FILE``: the report as one self-contained HTML page.
 
-The tables are the terminal's own (report_render's ``Table``, the one structure every text
+The tables are the terminal's own (report.tables' ``Table``, the one structure every text
 format renders), the figures are PNGs inlined as data URIs, the styles are inline: the file
 needs no network, runs no script (its Content-Security-Policy forbids any) and prints.
 Every value is escaped with ``html.escape``: a setting holding ``<script>`` shows as text.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from normbench.report_render import DiagnosticsReport, Report, Table
+from normbench.report.tables import DiagnosticsReport, Report, Table
 
 MAX_LEFT_OUT = 500  # rows of the left-out table before "... and N more"
 

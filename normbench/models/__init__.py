@@ -2,7 +2,7 @@
 
 Every feed-forward model is a stack of hidden :class:`Block` s (layer -> norm -> activation,
 optional max-pool) followed by a linear ``head``; ``rnn`` is a recurrent cell unrolled over
-time steps (:mod:`normbench.recurrent`). Models receive norm factories that take the channel
+time steps (:mod:`normbench.models.recurrent`). Models receive norm factories that take the channel
 count only (torchvision's ``norm_layer`` convention), never a norm's name, and the
 constructors of the layers a norm follows (``norms.WeightLayers``: plain ``nn.Linear`` /
 ``nn.Conv2d``, or weight-standardized ones). Each model reads its input its own way: the MLP
@@ -22,7 +22,7 @@ from torch import nn
 
 from normbench import norms
 from normbench.errors import ConfigError, choices_error
-from normbench.recurrent import CELLS, RecurrentNet, sequence_shape
+from normbench.models.recurrent import CELLS, RecurrentNet, sequence_shape
 
 
 @dataclass

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normbench.reference_batchnorm import register_affine
+from normbench.norms.reference_batchnorm import register_affine
 
 
 def _ramp(step: Tensor, length: int) -> Tensor:

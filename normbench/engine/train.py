@@ -1,6 +1,6 @@
 """What training needs besides the stacked trainer: the optimizers' schemas and checks, the
 device choice, an epoch's statistics and a timer. The training loop itself is
-:class:`normbench.stacked.StackedTrainer` (every run is a member of a stack).
+:class:`normbench.engine.trainer.StackedTrainer` (every run is a member of a stack).
 """
 
 from __future__ import annotations

@@ -35,11 +35,21 @@ from omegaconf import DictConfig, open_dict
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from normbench import checkpoint, results
+from normbench import results
 from normbench.checks import RunShape, check_run
-from normbench.claims import claim
 from normbench.datasets import DataSplits, load_dataset
-from normbench.diagnostics import Recorder
+from normbench.engine import checkpoint
+from normbench.engine.diagnostics import Recorder
+from normbench.engine.run_claims import claim
+from normbench.engine.run_log import RunLog, constant_baseline
+from normbench.engine.train import Timer, pick_device
+from normbench.engine.trainer import (
+    StackedTrainer,
+    chunk_members,
+    estimate_data_bytes,
+    estimate_member_bytes,
+    memory_budget,
+)
 from normbench.errors import ConfigError
 from normbench.preflight import (
     OutputError,
@@ -48,15 +58,6 @@ from normbench.preflight import (
     estimate_run_bytes,
     writing,
 )
-from normbench.run_log import RunLog, constant_baseline
-from normbench.stacked import (
-    StackedTrainer,
-    chunk_members,
-    estimate_data_bytes,
-    estimate_member_bytes,
-    memory_budget,
-)
-from normbench.train import Timer, pick_device
 
 
 @dataclass

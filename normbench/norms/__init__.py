@@ -24,13 +24,13 @@ from typing import Any
 from omegaconf import MISSING
 from torch import nn
 
-from normbench.batch_renorm import BatchRenorm
 from normbench.errors import ConfigError, choices_error
-from normbench.frn import FilterResponseNorm
-from normbench.ghost_batchnorm import GhostBatchNorm
-from normbench.reference_batchnorm import ReferenceBatchNorm
-from normbench.rms_norm import ChannelRMSNorm
-from normbench.weight_std import WSConv2d, WSLinear
+from normbench.norms.batch_renorm import BatchRenorm
+from normbench.norms.frn import FilterResponseNorm
+from normbench.norms.ghost_batchnorm import GhostBatchNorm
+from normbench.norms.reference_batchnorm import ReferenceBatchNorm
+from normbench.norms.rms_norm import ChannelRMSNorm
+from normbench.norms.weight_std import WSConv2d, WSLinear
 
 NormLayer = Callable[[int], nn.Module]
 

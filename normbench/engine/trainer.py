@@ -1,10 +1,10 @@
 """The stacked trainer: K >= 1 runs differing only in lr and seed, trained as ONE model.
 
-Every run trains through it (``normbench run`` is a stack of one; see normbench.engine for
+Every run trains through it (``normbench run`` is a stack of one; see normbench.engine.lifecycle for
 the lifecycle around it). Small networks spend most of their time in per-op overhead; K
 members stacked into one network do the same number of ops per step as one run. The stacking
-is by hand (:mod:`normbench.stacked_layers`): batched matmuls, grouped convs, norms over K*C
-channels; :mod:`normbench.stacked_recurrent` for model=rnn.
+is by hand (:mod:`normbench.engine.layers`): batched matmuls, grouped convs, norms over K*C
+channels; :mod:`normbench.engine.recurrent` for model=rnn.
 
 API::
 
@@ -27,7 +27,7 @@ Each member: its model is ``build_model`` + ``init_paired(model, seed)`` +
 ``torch.manual_seed(seed)`` exactly as ``experiment.prepare``; its own data
 (``load_dataset(cfg.dataset, seed)``, loaded once per distinct seed); its own data order (a
 ``torch.Generator`` seeded with its seed, one randperm per epoch, as ``train.shuffled_batches``,
-last incomplete batch dropped); its own lr and optimizer state (:mod:`normbench.stacked_optim`:
+last incomplete batch dropped); its own lr and optimizer state (:mod:`normbench.engine.optim`:
 SGD and Adam re-implemented with a (K,) lr, exact torch semantics, the no-weight-decay-on-norm
 rule of ``train.make_optimizer``); its own dropout masks (a generator per member replaying the
 single run's global stream). Batch statistics are per member: no op reduces across members.
@@ -51,9 +51,7 @@ from torch import Tensor, nn
 
 from normbench import norms, results
 from normbench.datasets import DataSplits, load_dataset
-from normbench.models import build_model, init_paired
-from normbench.recurrent import RecurrentNet
-from normbench.stacked_layers import (
+from normbench.engine.layers import (
     StackedBatchNorm,
     StackedBatchRenorm,
     StackedGhostBatchNorm,
@@ -61,9 +59,11 @@ from normbench.stacked_layers import (
     StackedReferenceBatchNorm,
     unsupported_module,
 )
-from normbench.stacked_optim import StackedAdam, StackedPlateau, StackedSGD
-from normbench.stacked_recurrent import StackedRecurrentNet, unsupported_recurrent
-from normbench.train import EpochStats, pick_device
+from normbench.engine.optim import StackedAdam, StackedPlateau, StackedSGD
+from normbench.engine.recurrent import StackedRecurrentNet, unsupported_recurrent
+from normbench.engine.train import EpochStats, pick_device
+from normbench.models import build_model, init_paired
+from normbench.models.recurrent import RecurrentNet
 
 Tensors = tuple[Tensor, Tensor]
 T = TypeVar("T")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from normbench.report_load import RUN_DIR, key_columns
+from normbench.report.load import RUN_DIR, key_columns
 
 INSTALL = 'pip install -e ".[tensorboard]"'
 # Per-epoch scalars, as tagged in TensorBoard; test_* exist only at the last epoch.

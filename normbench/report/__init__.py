@@ -1,6 +1,6 @@
 """``normbench report``: read the runs, summarize them, render and write (one function).
 
-Data flows one way: report_load reads files, report_stats summarizes, report_render and plots
+Data flows one way: load reads files, stats summarizes, tables and plots
 turn summaries into text and figures; only this module knows them all.
 """
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from normbench.errors import ConfigError, choices_error
-from normbench.report_load import (
+from normbench.report.load import (
     COMPLETE,
     RUN_DIR,
     cut_short,
@@ -25,8 +25,7 @@ from normbench.report_load import (
     load_diagnostics,
     load_runs,
 )
-from normbench.report_render import Block, DiagnosticsReport, Report, print_tables, render
-from normbench.report_stats import (
+from normbench.report.stats import (
     best_lr,
     default_metric,
     diagnostics_summary,
@@ -37,6 +36,7 @@ from normbench.report_stats import (
     studies,
     summarize,
 )
+from normbench.report.tables import Block, DiagnosticsReport, Report, print_tables, render
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -87,8 +87,8 @@ def report(
     Prints to ``console`` or writes ``output``; warnings and notes go to stderr. ``fmt="csv"``
     holds only the main tables (one row per configuration and value of ``by``); the other
     formats hold every table. ``html``: the same tables, notes and figures as one
-    self-contained page (see report_html; ``command`` is shown in it). ``tensorboard``: every
-    run read as TensorBoard event files (see report_tensorboard). Raises ConfigError, before
+    self-contained page (see report.html; ``command`` is shown in it). ``tensorboard``: every
+    run read as TensorBoard event files (see report.tensorboard). Raises ConfigError, before
     printing anything, for an unknown metric, key, format, --where value or baseline, for an
     unusable path and for --tensorboard without TensorBoard installed; WriteError when writing
     the output, the figures, the page or the event files fails.
@@ -167,7 +167,7 @@ def _summary(
     notes: list[str],
     left_out: pd.DataFrame,
 ) -> Report:
-    """One block of tables per study (see report_stats.studies), and notes on how they split."""
+    """One block of tables per study (see report.stats.studies), and notes on how they split."""
     blocks = []
     for settings, part in studies(runs, by):
         task_metric = default_metric(part["task"].iloc[0])
@@ -250,7 +250,7 @@ def _result_figures(
     runs: pd.DataFrame, rows: pd.DataFrame, metric: str | None, by: str
 ) -> dict[str, Figure]:
     """The figures of each task, under a folder per task when there are several."""
-    from normbench.plots import result_figures
+    from normbench.report.plots import result_figures
 
     figures = {}
     tasks = runs.groupby("task")
@@ -263,14 +263,14 @@ def _result_figures(
 
 
 def _diagnostics_figures(runs: pd.DataFrame, records: pd.DataFrame) -> dict[str, Figure]:
-    from normbench.plots import diagnostics_figures
+    from normbench.report.plots import diagnostics_figures
 
     return diagnostics_figures(runs, records)
 
 
 def _plot(plot_dir: Path, figures: dict[str, Figure]) -> None:
     """Save ``figures`` under ``plot_dir``; a failed write becomes a WriteError naming the file."""
-    from normbench.plots import save
+    from normbench.report.plots import save
 
     try:
         for name, figure in figures.items():
@@ -291,10 +291,10 @@ def _html(
     runs: int,
     command: str,
 ) -> None:
-    """Write the report as one self-contained HTML page (see report_html)."""
+    """Write the report as one self-contained HTML page (see report.html)."""
     from normbench import __version__
-    from normbench.plots import save
-    from normbench.report_html import Meta, page
+    from normbench.report.html import Meta, page
+    from normbench.report.plots import save
 
     pngs, alts = {}, {}
     for name, figure in figures.items():
@@ -313,8 +313,8 @@ def _html(
 
 
 def _tensorboard(out_dir: Path, runs: pd.DataFrame, rows: pd.DataFrame) -> None:
-    """Write every run read as TensorBoard event files (see report_tensorboard)."""
-    from normbench.report_tensorboard import export
+    """Write every run read as TensorBoard event files (see report.tensorboard)."""
+    from normbench.report.tensorboard import export
 
     try:
         count = export(out_dir, runs, rows)
@@ -350,7 +350,7 @@ def _check_paths(
             if not existing.is_dir():
                 raise ConfigError(f"{option} {folder}: {existing} is a file, not a folder")
     if tensorboard is not None:
-        from normbench.report_tensorboard import INSTALL, available
+        from normbench.report.tensorboard import INSTALL, available
 
         if not available():
             raise ConfigError(f"--tensorboard needs TensorBoard, an optional extra: {INSTALL}")

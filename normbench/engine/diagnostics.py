@@ -18,7 +18,7 @@ minus with batch statistics.
 pre-hooks exist only from the end of the step before a recording step to the end of that
 step, and do nothing outside training mode: the other steps pay nothing.
 
-:class:`Recorder` records every member of a :class:`~normbench.stacked.StackedTrainer`
+:class:`Recorder` records every member of a :class:`~normbench.engine.trainer.StackedTrainer`
 (K >= 1: ``normbench run`` is a stack of one), each member exactly as its run alone would be
 recorded: its own slice of every activation and gradient, its percentiles from the same
 subsample of its values in the single model's element order, its eval gap from the stacked
@@ -40,7 +40,7 @@ from normbench import norms, results
 from normbench.models import build_model
 
 if TYPE_CHECKING:
-    from normbench.stacked import StackedTrainer
+    from normbench.engine.trainer import StackedTrainer
 
 Tensors = tuple[Tensor, Tensor]
 
@@ -49,7 +49,7 @@ QUANTILE_SAMPLE = 16_384
 
 
 # -- the formulas, per member of a stacked layout ------------------------------------------
-# Activations come in the stacked engine's layouts (normbench.stacked_layers): feature maps
+# Activations come in the stacked engine's layouts (normbench.engine.layers): feature maps
 # (B, K*C, H, W), member k owning channels k*C:(k+1)*C, and features (K, F, B).
 
 

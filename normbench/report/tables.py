@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table as RichTable
 from rich.text import Text
 
-from normbench.report_stats import ALPHA, MIN_PAIRS, format_value, higher_is_better
+from normbench.report.stats import ALPHA, MIN_PAIRS, format_value, higher_is_better
 from normbench.results import PERCENTILES
 
 DASH = "–"
@@ -41,7 +41,7 @@ class Block:
     """The tables of one study: runs that agree on every setting but the rows and columns.
 
     ``settings`` names what tells this study apart from the others read (empty when alone).
-    See normbench.report_stats for the columns of the frames.
+    See normbench.report.stats for the columns of the frames.
     """
 
     settings: dict[str, object]

@@ -1,17 +1,17 @@
-"""K :class:`~normbench.recurrent.RecurrentNet` s (one cell, norm and size) as one network.
+"""K :class:`~normbench.models.recurrent.RecurrentNet` s (one cell, norm and size) as one network.
 
-The recurrent counterpart of :class:`~normbench.stacked_layers.StackedNet`, with its
+The recurrent counterpart of :class:`~normbench.engine.layers.StackedNet`, with its
 contract: ``forward`` takes (K, B, *input_shape) and returns (K, B, outputs); every parameter
 and buffer is stored ``(K, *single_shape)`` under RecurrentNet's own name (``cell.weight_ih``,
 ``norms.0.running_mean``, ``head.weight``, ...), so member k's slice loads into a plain
 RecurrentNet.
 
-Features travel as (K, F, B), batch innermost, as in stacked_layers: the cell is batched
+Features travel as (K, F, B), batch innermost, as in engine.layers: the cell is batched
 matmuls over K, ``W_ih @ x`` for all T steps in one ``baddbmm`` (its (K, G, T*B) result is
 split per step) and ``W_hh @ h`` per step, then torch's cell arithmetic (RNNCell:
 ``h' = tanh(W_ih x + b_ih + W_hh h + b_hh)``; LSTMCell: gates i, f, g, o in that order,
 ``c' = f*c + i*g``, ``h' = o*tanh(c')``). The norms on each step's hidden state are
-stacked_layers' own (StackedBatchNorm, StackedLayerNorm, ...) on (K, H, B) features, so
+engine.layers' own (StackedBatchNorm, StackedLayerNorm, ...) on (K, H, B) features, so
 batch statistics are per member: nothing reduces across members.
 """
 
@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from normbench.recurrent import RecurrentNet
-from normbench.stacked_layers import _NORMS, StackedLinear, _Stacked, unsupported_module
+from normbench.engine.layers import _NORMS, StackedLinear, _Stacked, unsupported_module
+from normbench.models.recurrent import RecurrentNet
 
 _CELLS = (nn.RNNCell, nn.LSTMCell)
 
@@ -76,7 +76,7 @@ class StackedRecurrentCell(_Stacked):
 
 
 class StackedRecurrentNet(nn.Module):
-    """K :class:`~normbench.recurrent.RecurrentNet` s of one architecture as one module.
+    """K :class:`~normbench.models.recurrent.RecurrentNet` s of one architecture as one module.
 
     ``forward`` takes (K, B, T, F) sequences or (K, B, C, H, W) images (read row by row, as
     RecurrentNet does) and returns (K, B, outputs). ``generators`` is StackedNet's argument

@@ -6,7 +6,7 @@ import math
 
 from rich.console import Console
 
-from normbench.engine import RunResult
+from normbench.engine.lifecycle import RunResult
 from normbench.results import METRICS_FILE
 
 

@@ -30,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normbench.batch_renorm import BatchRenorm, _ramp
-from normbench.frn import FilterResponseNorm
-from normbench.ghost_batchnorm import GhostBatchNorm
 from normbench.models import Block, Net
-from normbench.reference_batchnorm import BatchNormFunction, ReferenceBatchNorm
-from normbench.rms_norm import ChannelRMSNorm
-from normbench.weight_std import WSConv2d, WSLinear, standardize_weight
+from normbench.norms.batch_renorm import BatchRenorm, _ramp
+from normbench.norms.frn import FilterResponseNorm
+from normbench.norms.ghost_batchnorm import GhostBatchNorm
+from normbench.norms.reference_batchnorm import BatchNormFunction, ReferenceBatchNorm
+from normbench.norms.rms_norm import ChannelRMSNorm
+from normbench.norms.weight_std import WSConv2d, WSLinear, standardize_weight
 
 # Modules reused as they are: they act per element or per channel.
 _ELEMENTWISE = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.Identity)
