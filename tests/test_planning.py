@@ -81,13 +81,15 @@ def test_settings_an_option_does_not_read_plan_no_duplicate_jobs(tiny: list[str]
 
 
 def test_asking_for_diagnostics_completes_finished_runs(tiny: list[str], results_dir) -> None:
-    grid = ["norm=batch,none", *tiny]
+    grid = ["norm=batch,none", "lr=0.05,0.1", *tiny]
     assert invoke("sweep", *grid).exit_code == 0
     assert not list(results_dir.glob(f"*/{results.DIAGNOSTICS_FILE}"))
     result = invoke("sweep", *grid, "diagnostics=true")
     assert result.exit_code == 0, result.stderr
-    assert len(list(results_dir.glob(f"*/{results.DIAGNOSTICS_FILE}"))) == 2
-    assert len(list(results_dir.glob("[!.]*"))) == 2  # the same two runs, completed
+    assert len(list(results_dir.glob(f"*/{results.DIAGNOSTICS_FILE}"))) == 4
+    assert len(list(results_dir.glob("[!.]*"))) == 4  # the same four runs, completed
+    for metrics in results_dir.glob(f"*/{results.METRICS_FILE}"):  # each pair as one stack
+        assert set(pd.read_csv(metrics)["stack_size"]) == {2}
 
 
 @pytest.mark.parametrize("command", ["run", "sweep"])
