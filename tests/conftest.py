@@ -22,6 +22,17 @@ USER_MODEL = "defaults:\n  - /model/mlp@_here_\n  - _self_\n\nhidden: [8]\n"
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread, as runs use (threads=1): float32 agreement checks are exact to it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def results_dir(tmp_path: Path) -> Path:
     return tmp_path / "results"
 

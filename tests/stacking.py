@@ -95,3 +95,29 @@ def assert_member_matches(trainer, k, single, stacked_losses, stats, val, steps=
     for key, value in model.state_dict().items():
         assert state[key].shape == value.shape and state[key].dtype == value.dtype, key
         torch.testing.assert_close(state[key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+
+def assert_members_never_mix(cfgs, nan_where) -> None:
+    """Stack ``cfgs`` (seeds 0, 1, 2) twice: on their data, then with seed 1's training inputs
+    poisoned (NaNs at ``nan_where``, every third example from the second x 100). That member
+    sees them; members 0 and 2 train, evaluate and end exactly as before (running statistics
+    included): nothing reduces across members."""
+    clean = {int(c.seed): load_dataset(cfgs[0].dataset, int(c.seed)) for c in cfgs}
+    x, y = clean[1].train
+    bad = x.clone()
+    bad[nan_where] = float("nan")
+    bad[1::3] *= 100
+    poisoned = dict(clean)
+    poisoned[1] = DataSplits(
+        (bad, y), clean[1].val, None, clean[1].input_shape, clean[1].num_outputs, clean[1].task
+    )
+    a = stacked_run(cfgs, datasets=clean)
+    b = stacked_run(cfgs, datasets=poisoned)
+    assert math.isnan(b[2][0][1].loss)  # the poisoned member did see its data
+    for k in (0, 2):
+        for step_a, step_b in zip(a[1], b[1], strict=True):
+            assert abs(step_a[k] - step_b[k]) <= 1e-6 * abs(step_a[k])
+        state_a, state_b = a[0].member_state_dict(k), b[0].member_state_dict(k)
+        for key in state_a:  # running statistics included
+            torch.testing.assert_close(state_a[key], state_b[key], rtol=1e-6, atol=1e-7)
+        assert abs(a[3][0][k][0] - b[3][0][k][0]) <= 1e-6 * abs(a[3][0][k][0])

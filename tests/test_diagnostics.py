@@ -232,12 +232,7 @@ def members(*overrides: str, grid=MEMBERS) -> list:
     return cfgs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _loss_fn(task: str) -> nn.Module:

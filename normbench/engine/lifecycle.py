@@ -190,8 +190,12 @@ def _train_claimed(
         todo = []
         for log in logs:
             if (mine := claim(log.path)) is not None:
-                held.enter_context(mine)
-                todo.append(log)
+                if log.cfg.skip_done and results.is_complete(log.path, log.cfg.diagnostics):
+                    mine.release()  # another process finished it since the first look
+                    outcomes.append(_result(log.cfg, "skipped"))
+                else:
+                    held.enter_context(mine)
+                    todo.append(log)
                 continue
             message = f"run {log.run_id} is being trained by another process"
             if strict:
