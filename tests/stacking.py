@@ -121,3 +121,27 @@ def assert_members_never_mix(cfgs, nan_where) -> None:
         for key in state_a:  # running statistics included
             torch.testing.assert_close(state_a[key], state_b[key], rtol=1e-6, atol=1e-7)
         assert abs(a[3][0][k][0] - b[3][0][k][0]) <= 1e-6 * abs(a[3][0][k][0])
+
+
+def assert_members_are_single_models(cfgs, kind: type[nn.Module]) -> None:
+    """After an epoch, each member's ``member_state_dict`` loads strictly into a freshly built
+    single model (and ``member_module`` is one, of ``kind``) that computes the stack's
+    outputs and evaluation for that member."""
+    trainer = StackedTrainer(cfgs)
+    trainer.train_epoch()
+    data = load_dataset(cfgs[1].dataset, cfgs[1].seed)
+    x = data.val[0]
+    trainer.net.eval()
+    with torch.no_grad():
+        stacked_out = trainer.net(x.expand(len(cfgs), *x.shape))
+    for k, cfg in enumerate(cfgs):
+        fresh = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs)
+        fresh.load_state_dict(trainer.member_state_dict(k))  # strict: the same keys
+        member = trainer.member_module(k)
+        assert isinstance(member, kind)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh.eval()(x), stacked_out[k], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(member.eval()(x), stacked_out[k], rtol=1e-5, atol=1e-5)
+        loss, acc = evaluate(fresh, nn.CrossEntropyLoss(), data.val)
+        got = trainer.evaluate(data=[data.val] * len(cfgs))[k]
+        assert close(loss, got[0], 1e-5) and abs(acc - got[1]) < 1e-6

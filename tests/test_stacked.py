@@ -27,10 +27,11 @@ from normbench.engine.trainer import (
     stack_unsupported,
 )
 from normbench.errors import ConfigError
-from normbench.models import build_model, convnet, mlp
+from normbench.models import Net, convnet, mlp
 from tests.reference_training import evaluate
 from tests.stacking import (
     assert_member_matches,
+    assert_members_are_single_models,
     assert_members_never_mix,
     close,
     single_run,
@@ -313,25 +314,7 @@ def test_members_must_differ_only_in_lr_and_seed():
 )
 def test_member_module_is_the_single_model(model, norm):
     cfgs = members(f"model={model}", f"norm={norm}", "batch_size=16")
-    trainer = StackedTrainer(cfgs)
-    trainer.train_epoch()
-    data = load_dataset(cfgs[1].dataset, cfgs[1].seed)
-    x = data.val[0]
-    trainer.net.eval()
-    with torch.no_grad():
-        stacked_out = trainer.net(x.expand(3, *x.shape))
-    for k, cfg in enumerate(cfgs):
-        fresh = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs)
-        fresh.load_state_dict(trainer.member_state_dict(k))  # strict: same keys
-        fresh.eval()
-        with torch.no_grad():
-            torch.testing.assert_close(fresh(x), stacked_out[k], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(
-                trainer.member_module(k).eval()(x), stacked_out[k], rtol=1e-5, atol=1e-5
-            )
-        loss, acc = evaluate(fresh, nn.CrossEntropyLoss(), data.val)
-        got = trainer.evaluate(data=[data.val] * 3)[k]
-        assert close(loss, got[0], 1e-5) and abs(acc - got[1]) < 1e-6
+    assert_members_are_single_models(cfgs, Net)
 
 
 # -- memory cap -----------------------------------------------------------------------------

@@ -24,11 +24,10 @@ from normbench.engine import checkpoint
 from normbench.engine.recurrent import StackedRecurrentNet, unsupported_recurrent
 from normbench.engine.trainer import StackedTrainer, estimate_member_bytes
 from normbench.errors import ConfigError
-from normbench.models import build_model
 from normbench.models.recurrent import RecurrentNet
-from tests.reference_training import evaluate
 from tests.stacking import (
     assert_member_matches,
+    assert_members_are_single_models,
     assert_members_never_mix,
     close,
     single_run,
@@ -221,24 +220,7 @@ def test_a_trainer_goes_on_from_its_saved_state(tmp_path):
 @pytest.mark.parametrize("cell, norm", [("rnn", "batch_per_step"), ("lstm", "layer")])
 def test_member_module_is_the_single_model(cell, norm):
     cfgs = members(f"model.cell={cell}", f"norm={norm}", "batch_size=16")
-    trainer = StackedTrainer(cfgs)
-    trainer.train_epoch()
-    data = load_dataset(cfgs[1].dataset, cfgs[1].seed)
-    x = data.val[0]
-    trainer.net.eval()
-    with torch.no_grad():
-        stacked_out = trainer.net(x.expand(3, *x.shape))
-    for k, cfg in enumerate(cfgs):
-        fresh = build_model(cfg.model, cfg.norm, data.input_shape, data.num_outputs)
-        fresh.load_state_dict(trainer.member_state_dict(k))  # strict: the same keys
-        member = trainer.member_module(k)
-        assert isinstance(member, RecurrentNet)
-        with torch.no_grad():
-            torch.testing.assert_close(fresh.eval()(x), stacked_out[k], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(member.eval()(x), stacked_out[k], rtol=1e-5, atol=1e-5)
-        loss, acc = evaluate(fresh, nn.CrossEntropyLoss(), data.val)
-        got = trainer.evaluate(data=[data.val] * 3)[k]
-        assert close(loss, got[0], 1e-5) and abs(acc - got[1]) < 1e-6
+    assert_members_are_single_models(cfgs, RecurrentNet)
 
 
 def test_estimate_member_bytes_counts_the_unrolled_steps():
