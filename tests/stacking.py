@@ -145,3 +145,34 @@ def assert_members_are_single_models(cfgs, kind: type[nn.Module]) -> None:
         loss, acc = evaluate(fresh, nn.CrossEntropyLoss(), data.val)
         got = trainer.evaluate(data=[data.val] * len(cfgs))[k]
         assert close(loss, got[0], 1e-5) and abs(acc - got[1]) < 1e-6
+
+
+def _diverged(stats, factor: float = 1e3) -> bool:
+    return not math.isfinite(stats.loss) or stats.loss > factor * max(stats.first_loss, 1e-12)
+
+
+def assert_a_diverged_member_leaves_the_rest(cfgs, epochs: int):
+    """Member 1 of ``cfgs`` (a huge lr) diverges in the first epoch and is taken out of the
+    stack: its state stays as it was, and members 0 and 2 train ``epochs`` epochs exactly as
+    a stack of those two alone. Returns the per-epoch stats and the final evaluation."""
+    trainer = StackedTrainer(cfgs)
+    alone = StackedTrainer([cfgs[0], cfgs[2]])
+    stats, stats_alone = [trainer.train_epoch()], [alone.train_epoch()]
+    assert _diverged(stats[0][1]) and not any(_diverged(stats[0][k]) for k in (0, 2))
+    trainer.deactivate(1)
+    frozen = trainer.member_state_dict(1)
+    assert trainer.active_members() == [0, 2]
+    assert {m.K for m in trainer.net.modules() if hasattr(m, "K")} == {2}
+    for _ in range(epochs - 1):
+        stats.append(trainer.train_epoch())
+        stats_alone.append(alone.train_epoch())
+    assert stats[-1][1] is None and trainer.evaluate()[1] is None
+    for key, value in trainer.member_state_dict(1).items():  # nothing moved
+        assert torch.equal(value, frozen[key]) or (value.isnan() == frozen[key].isnan()).all()
+    val, val_alone = trainer.evaluate(), alone.evaluate()
+    for k, j in ((0, 0), (2, 1)):
+        for epoch in range(epochs):
+            assert close(stats[epoch][k].loss, stats_alone[epoch][j].loss, 1e-5)
+            assert close(stats[epoch][k].grad_norm, stats_alone[epoch][j].grad_norm, 1e-5)
+        assert close(val[k][0], val_alone[j][0], 1e-5)
+    return stats, val

@@ -9,7 +9,6 @@ training itself is ill-conditioned (an LSTM with a norm on toy_sequence).
 from __future__ import annotations
 
 import copy
-import math
 from contextlib import contextmanager
 
 import pytest
@@ -26,6 +25,7 @@ from normbench.engine.trainer import StackedTrainer, estimate_member_bytes
 from normbench.errors import ConfigError
 from normbench.models.recurrent import RecurrentNet
 from tests.stacking import (
+    assert_a_diverged_member_leaves_the_rest,
     assert_member_matches,
     assert_members_are_single_models,
     assert_members_never_mix,
@@ -163,36 +163,14 @@ def test_one_members_data_reaches_no_other(cell, norm):
 # -- 3. divergence masking ------------------------------------------------------------------
 
 
-def _diverged(stats, first_loss: float, factor: float = 1e3) -> bool:
-    return not math.isfinite(stats.loss) or stats.loss > factor * max(first_loss, 1e-12)
-
-
 @pytest.mark.parametrize(
     "cell, norm, data", [("rnn", "none", SEQUENCES), ("lstm", "batch_per_step", DIGITS)]
 )
 def test_diverging_member_stops_and_others_go_on(cell, norm, data):
     grid = [(0.02, 0), (1e6, 1), (0.05, 2)]
     cfgs = members(f"model.cell={cell}", f"norm={norm}", "batch_size=16", data=data, grid=grid)
-    trainer = StackedTrainer(cfgs)
-    alone = StackedTrainer([cfgs[0], cfgs[2]])
-    first, first_alone = trainer.train_epoch(), alone.train_epoch()
-    assert _diverged(first[1], first[1].first_loss)
+    _, val = assert_a_diverged_member_leaves_the_rest(cfgs, epochs=2)
     for k in (0, 2):
-        assert not _diverged(first[k], first[k].first_loss)
-    trainer.deactivate(1)
-    frozen = trainer.member_state_dict(1)
-    assert trainer.active_members() == [0, 2]
-    assert {m.K for m in trainer.net.modules() if hasattr(m, "K")} == {2}
-    stats, stats_alone = [first, trainer.train_epoch()], [first_alone, alone.train_epoch()]
-    assert stats[-1][1] is None and trainer.evaluate()[1] is None
-    for key, value in trainer.member_state_dict(1).items():  # nothing moved
-        assert torch.equal(value, frozen[key]) or (value.isnan() == frozen[key].isnan()).all()
-    val, val_alone = trainer.evaluate(), alone.evaluate()
-    for k, j in ((0, 0), (2, 1)):
-        for epoch in range(2):
-            assert close(stats[epoch][k].loss, stats_alone[epoch][j].loss, 1e-5)
-            assert close(stats[epoch][k].grad_norm, stats_alone[epoch][j].grad_norm, 1e-5)
-        assert close(val[k][0], val_alone[j][0], 1e-5)
         assert close(val[k][0], single_run(cfgs[k], epochs=2)[2][-1][0], 1e-3)
 
 
