@@ -116,3 +116,21 @@ def test_a_run_that_cannot_write_names_the_file(tmp_path: Path) -> None:
     out, err = process.communicate(timeout=300)
     assert process.returncode == 1
     assert err == f"run failed: cannot write {run_path / results.CHECKPOINT_FILE}: File too large\n"
+
+
+def test_a_run_finished_elsewhere_after_the_first_look_is_skipped_once_claimed(tiny: list[str]):
+    """Two sweeps at once: the other one may finish a run between this job's first look and
+    its claim (data loads in between); the claimed run is checked again, not retrained."""
+    import torch
+
+    from normbench.datasets import load_dataset
+    from normbench.engine import lifecycle
+
+    cfg = compose_config([*tiny, "skip_done=true"])
+    done = run_experiment(cfg)  # "the other sweep" finished it
+    before = (done.path / results.METRICS_FILE).read_bytes()
+    log = RunLog(cfg, "classification")
+    datasets = {cfg.seed: load_dataset(cfg.dataset, cfg.seed)}
+    [outcome] = lifecycle._train_claimed([log], torch.device("cpu"), datasets, None, strict=False)
+    assert outcome.status == "skipped"
+    assert (done.path / results.METRICS_FILE).read_bytes() == before

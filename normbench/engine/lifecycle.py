@@ -128,7 +128,7 @@ def train_runs(
     logs = [RunLog(cfg, shape.data.task) for cfg in cfgs]
     outcomes: dict[str, RunResult] = {}
     for log in logs:
-        if log.cfg.skip_done and results.is_complete(log.path, log.cfg.diagnostics):
+        if _skips(log):
             outcomes[log.run_id] = _result(log.cfg, "skipped")
     pending = [log for log in logs if log.run_id not in outcomes]
     if pending:
@@ -173,6 +173,11 @@ def _prepare(
     return device, datasets
 
 
+def _skips(log: RunLog) -> bool:
+    """Whether a sweep job leaves this run alone: its results are complete (``skip_done``)."""
+    return log.cfg.skip_done and results.is_complete(log.path, log.cfg.diagnostics)
+
+
 def _seeds(logs: Sequence[RunLog]) -> list[int]:
     return list(dict.fromkeys(int(log.cfg.seed) for log in logs))
 
@@ -190,7 +195,7 @@ def _train_claimed(
         todo = []
         for log in logs:
             if (mine := claim(log.path)) is not None:
-                if log.cfg.skip_done and results.is_complete(log.path, log.cfg.diagnostics):
+                if _skips(log):
                     mine.release()  # another process finished it since the first look
                     outcomes.append(_result(log.cfg, "skipped"))
                 else:
@@ -201,6 +206,8 @@ def _train_claimed(
             if strict:
                 raise RunClaimedError(message)
             outcomes.append(_result(log.cfg, "elsewhere", message))
+        if not todo:  # every run finished or held elsewhere
+            return outcomes
         if isinstance(datasets, Exception):
             for log in todo:
                 outcomes.append(_failed(log, datasets, strict))
